@@ -1,0 +1,422 @@
+"""The broker: one poll loop between trainers (front ROUTER) and vLLM workers (back ROUTER). No engine work.
+
+It keeps a registry of workers (READY handshake, heartbeats both ways, expiry after LIVENESS silent
+intervals), a request table (request id -> client, worker) so that an abort reaches only the owner and a
+lost worker's requests end at their clients with WorkerLost, least-loaded placement (a prompt's n samples
+stay on one worker, sharing its prefix cache), a bounded pending queue when every worker is full, and
+fan-out of broadcast commands with one aggregated reply. Token and result frames are forwarded as they
+came: only the small msgpack header is read, for routing.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+import msgpack
+import zmq
+
+from . import config
+from . import protocol as p
+from .errors import Busy, ProtocolError, RolloutdError, ShuttingDown, WorkerLost
+
+log = logging.getLogger("rolloutd.broker")
+
+# Commands the broker sends to every worker and answers with one aggregated reply.
+_FANOUT = (p.Cmd.ABORT_ALL, p.Cmd.PAUSE, p.Cmd.RESUME, p.Cmd.SLEEP, p.Cmd.WAKE, p.Cmd.LOAD_WEIGHTS)
+
+
+@dataclass
+class WorkerEntry:
+    ident: bytes
+    ready: p.Ready
+    expiry: float
+    load: int = 0  # sequences (prompt x n) in flight here
+    rids: set = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.ready.worker
+
+
+@dataclass
+class Request:
+    client: bytes
+    n: int
+    frames: list | None  # kept only while pending, to be sent once a worker frees up
+    worker: bytes | None = None
+
+
+@dataclass
+class Control:
+    """A command waiting on worker replies (one for ping, every worker for broadcasts)."""
+    client: bytes
+    cid: str
+    waiting: set  # worker idents that still owe a reply
+    deadline: float
+    data: dict = field(default_factory=dict)  # worker name -> its reply data
+    ok: bool = True
+    passthrough: bool = False  # forward the single worker's reply frames unchanged (ping)
+
+
+class Broker:
+    def __init__(self, front: str = config.FRONT, back: str = config.BACK, *,
+                 heartbeat_s: float = config.HEARTBEAT_S, liveness: int = config.LIVENESS,
+                 max_pending: int = config.MAX_PENDING, control_timeout_s: float = config.CONTROL_TIMEOUT_S,
+                 ctx: zmq.Context | None = None):
+        self.ctx = ctx or zmq.Context.instance()
+        self.heartbeat_s = heartbeat_s
+        self.liveness = liveness
+        self.max_pending = max_pending
+        self.control_timeout_s = control_timeout_s
+        self.front = self._bind(front)
+        self.back = self._bind(back)
+        # A restarted worker reconnects under the same identity; let the new connection take it over.
+        self.back.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.front_address = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.back_address = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.workers: dict[bytes, WorkerEntry] = {}
+        self.requests: dict[str, Request] = {}
+        self.pending: collections.deque[str] = collections.deque()
+        self.controls: dict[str, Control] = {}
+        self._stop = False
+        self._next_beat = 0.0
+
+    def _bind(self, address: str) -> zmq.Socket:
+        s = self.ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, config.HWM)
+        s.setsockopt(zmq.RCVHWM, config.HWM)
+        # A hard stop for frames nobody should send; the protocol's own limits answer with an error first.
+        s.setsockopt(zmq.MAXMSGSIZE, 2 * p.MAX_FRAME_BYTES)
+        s.bind(address)
+        return s
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def stop(self, *_args) -> None:
+        """Ask the loop to end (safe from a signal handler: it only sets state)."""
+        self._stop = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> None:
+        log.info("broker: clients on %s, workers on %s", self.front_address, self.back_address)
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        try:
+            while not self._stop:
+                timeout_ms = max(0.0, self._next_beat - time.monotonic()) * 1000
+                for sock, _ in poller.poll(timeout_ms):
+                    # Drain what is queued, bounded so one busy side cannot starve the other.
+                    for _ in range(256):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if sock is self.front:
+                            self._on_client(frames[0], frames[1:])
+                        else:
+                            self._on_worker(frames[0], frames[1:])
+                if time.monotonic() >= self._next_beat:
+                    self._tick()
+        finally:
+            self._shutdown()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self._next_beat = now + self.heartbeat_s
+        beat = p.encode(p.Heartbeat())
+        for w in list(self.workers.values()):
+            if now > w.expiry:
+                self._drop_worker(w, f"worker {w.name} missed {self.liveness} heartbeats")
+            else:
+                self.back.send_multipart([w.ident, *beat])
+        for c in [c for c in self.controls.values() if now > c.deadline]:
+            for ident in c.waiting:
+                c.data[self._worker_name(ident)] = {"ok": False, "error": "timeout"}
+            c.ok, c.waiting = False, set()
+            self._finish_control(c)
+
+    def _shutdown(self) -> None:
+        for rid in list(self.requests):
+            self._fail(rid, ShuttingDown("the broker is stopping"))
+        for w in self.workers.values():
+            self.back.send_multipart([w.ident, *p.encode(p.Disconnect(reason="broker stopping"))])
+        self.front.close(0)
+        self.back.close(0)
+        log.info("broker stopped")
+
+    # ------------------------------------------------------------------------------------------ clients
+
+    def _on_client(self, client: bytes, frames: list) -> None:
+        try:
+            msg = p.decode(frames)
+        except RolloutdError as e:
+            log.warning("bad message from client %s: %s", client.hex(), e)
+            rid, cid = _ids_of(frames)
+            self._to_client(client, p.Error(code=e.code, message=str(e), rid=rid, cid=cid))
+            return
+        cmd = msg.CMD
+        if cmd is p.Cmd.GENERATE:
+            self._on_generate(client, msg, frames)
+        elif cmd is p.Cmd.ABORT:
+            self._on_abort(client, msg)
+        elif cmd in _FANOUT:
+            if cmd is p.Cmd.ABORT_ALL:
+                self._abort_pending(list(self.pending))
+            self._fan_out(client, msg.cid, frames, list(self.workers))
+        elif cmd is p.Cmd.STATUS:
+            self._to_client(client, p.Reply(cid=msg.cid, data=self.status()))
+        elif cmd is p.Cmd.PING:
+            self._on_ping(client, msg, frames)
+        else:
+            self._to_client(client, p.Error(code=ProtocolError.code, cid=getattr(msg, "cid", None),
+                                            message=f"{type(msg).__name__} is not a client command"))
+
+    def _on_generate(self, client: bytes, msg: p.Generate, frames: list) -> None:
+        if msg.rid in self.requests:
+            self._to_client(client, p.Error(code="bad_request", rid=msg.rid,
+                                            message=f"request id {msg.rid!r} is already in flight"))
+            return
+        w = self._place(msg.n)
+        if w is None:
+            if len(self.pending) >= self.max_pending:
+                self._to_client(client, p.Error(code=Busy.code, rid=msg.rid, message=(
+                    f"{len(self.pending)} requests already wait for a free worker "
+                    f"({len(self.workers)} registered); retry later")))
+                return
+            self.requests[msg.rid] = Request(client, msg.n, frames)
+            self.pending.append(msg.rid)
+            return
+        self.requests[msg.rid] = Request(client, msg.n, None)
+        self._assign(msg.rid, w, frames)
+
+    def _on_abort(self, client: bytes, msg: p.Abort) -> None:
+        by_worker: dict[bytes, list[str]] = {}
+        unknown, pending = [], []
+        for rid in msg.rids:
+            req = self.requests.get(rid)
+            if req is None or req.client != client:
+                unknown.append(rid)
+            elif req.worker is None:
+                pending.append(rid)
+            else:
+                by_worker.setdefault(req.worker, []).append(rid)
+        self._abort_pending(pending)
+        c = self._open_control(client, msg.cid, set(by_worker))
+        c.data["broker"] = {"unknown": unknown, "aborted_pending": len(pending)}
+        for ident, rids in by_worker.items():
+            self.back.send_multipart([ident, *p.encode(p.Abort(cid=msg.cid, rids=rids))])
+        self._maybe_finish(c)
+
+    def _on_ping(self, client: bytes, msg: p.Ping, frames: list) -> None:
+        if msg.target == "broker":
+            self._to_client(client, p.Reply(cid=msg.cid, data={"from": "broker"}))
+            return
+        targets = [w for w in self.workers.values() if msg.target in ("worker", w.name)]
+        if not targets:
+            self._to_client(client, p.Error(code=Busy.code, cid=msg.cid,
+                                             message=f"no registered worker matches {msg.target!r}"))
+            return
+        w = min(targets, key=lambda w: w.load)
+        c = self._open_control(client, msg.cid, {w.ident})
+        c.passthrough = True
+        self.back.send_multipart([w.ident, *frames])
+
+    def _fan_out(self, client: bytes, cid: str, frames: list, idents: list[bytes]) -> None:
+        c = self._open_control(client, cid, set(idents))
+        for ident in idents:
+            self.back.send_multipart([ident, *frames])
+        self._maybe_finish(c)
+
+    def _open_control(self, client: bytes, cid: str, idents: set) -> Control:
+        c = Control(client, cid, idents, time.monotonic() + self.control_timeout_s)
+        self.controls[cid] = c
+        return c
+
+    def status(self) -> dict:
+        return {
+            "workers": [{
+                "id": w.name, "model": w.ready.model, "devices": w.ready.devices, "inflight": w.load,
+                "capacity": w.ready.capacity, "weight_version": w.ready.weight_version, "pid": w.ready.pid,
+                "engine": w.ready.engine,
+            } for w in self.workers.values()],
+            "pending": len(self.pending),
+            "requests": len(self.requests),
+        }
+
+    # ------------------------------------------------------------------------------------------ workers
+
+    def _on_worker(self, ident: bytes, frames: list) -> None:
+        try:
+            msg = p.decode(frames, check_frames=False)
+        except RolloutdError as e:
+            log.warning("bad message from worker %r: %s", ident, e)
+            rid, cid = _ids_of(frames)
+            self.back.send_multipart([ident, *p.encode(p.Error(code=e.code, message=str(e), rid=rid, cid=cid))])
+            return
+        w = self.workers.get(ident)
+        cmd = msg.CMD
+        if cmd is p.Cmd.READY:
+            self._on_ready(ident, msg)
+            return
+        if w is None:
+            # A worker from before a broker restart, or one we expired: make it start over with READY.
+            if cmd is not p.Cmd.DISCONNECT:
+                self.back.send_multipart([ident, *p.encode(p.Disconnect(reason="unknown worker; send READY"))])
+            return
+        w.expiry = time.monotonic() + self.heartbeat_s * self.liveness
+        if cmd is p.Cmd.RESULT or (cmd is p.Cmd.ERROR and msg.rid):
+            req = self.requests.pop(msg.rid, None)
+            if req is not None:
+                w.load -= req.n
+                w.rids.discard(msg.rid)
+                self.front.send_multipart([req.client, *frames])
+                self._drain_pending()
+        elif cmd is p.Cmd.TOKENS:
+            req = self.requests.get(msg.rid)
+            if req is not None:
+                self.front.send_multipart([req.client, *frames])
+        elif cmd is p.Cmd.REPLY or cmd is p.Cmd.ERROR:
+            self._on_control_reply(w, msg, frames)
+        elif cmd is p.Cmd.HEARTBEAT:
+            pass
+        elif cmd is p.Cmd.DISCONNECT:
+            self._drop_worker(w, f"worker {w.name} disconnected: {msg.reason}")
+        else:
+            log.warning("worker %s sent %s, which workers do not send", w.name, type(msg).__name__)
+
+    def _on_ready(self, ident: bytes, msg: p.Ready) -> None:
+        old = self.workers.get(ident)
+        if old is not None:
+            self._drop_worker(old, f"worker {old.name} registered again (restarted)")
+        self.workers[ident] = WorkerEntry(ident, msg, time.monotonic() + self.heartbeat_s * self.liveness)
+        log.info("worker %s ready: model %s on %s, capacity %d, weights v%d", msg.worker, msg.model,
+                 ",".join(msg.devices), msg.capacity, msg.weight_version)
+        self.back.send_multipart([ident, *p.encode(p.Heartbeat())])
+        self._drain_pending()
+
+    def _on_control_reply(self, w: WorkerEntry, msg, frames: list) -> None:
+        c = self.controls.get(msg.cid)
+        if c is None or w.ident not in c.waiting:
+            return  # late answer to a command that already timed out
+        c.waiting.discard(w.ident)
+        if c.passthrough:
+            del self.controls[c.cid]
+            self.front.send_multipart([c.client, *frames])
+            return
+        if msg.CMD is p.Cmd.ERROR:
+            c.ok = False
+            c.data[w.name] = {"ok": False, "error": msg.code, "message": msg.message}
+        else:
+            c.ok = c.ok and msg.ok
+            c.data[w.name] = {"ok": msg.ok, **msg.data}
+            if "weight_version" in msg.data:
+                w.ready.weight_version = msg.data["weight_version"]
+        self._maybe_finish(c)
+
+    def _maybe_finish(self, c: Control) -> None:
+        if not c.waiting:
+            self._finish_control(c)
+
+    def _finish_control(self, c: Control) -> None:
+        self.controls.pop(c.cid, None)
+        if c.passthrough:
+            self._to_client(c.client, p.Error(code="timeout", cid=c.cid, message="the worker did not answer"))
+        else:
+            self._to_client(c.client, p.Reply(cid=c.cid, ok=c.ok, data=c.data))
+
+    def _drop_worker(self, w: WorkerEntry, why: str) -> None:
+        log.warning("%s; failing its %d request(s)", why, len(w.rids))
+        self.workers.pop(w.ident, None)
+        for rid in list(w.rids):
+            self._fail(rid, WorkerLost(why))
+        for c in list(self.controls.values()):
+            if w.ident in c.waiting:
+                c.waiting.discard(w.ident)
+                c.ok = False
+                c.data[w.name] = {"ok": False, "error": WorkerLost.code, "message": why}
+                if c.passthrough:
+                    del self.controls[c.cid]
+                    self._to_client(c.client, p.Error(code=WorkerLost.code, cid=c.cid, message=why))
+                else:
+                    self._maybe_finish(c)
+
+    def _worker_name(self, ident: bytes) -> str:
+        w = self.workers.get(ident)
+        return w.name if w else ident.decode(errors="replace")
+
+    # -------------------------------------------------------------------------------------- placement
+
+    def _place(self, n: int) -> WorkerEntry | None:
+        """The least-loaded worker with room for n more sequences (an idle worker takes any n)."""
+        best, best_frac = None, None
+        for w in self.workers.values():
+            if w.load and w.load + n > w.ready.capacity:
+                continue
+            frac = w.load / w.ready.capacity
+            if best is None or frac < best_frac:
+                best, best_frac = w, frac
+        return best
+
+    def _assign(self, rid: str, w: WorkerEntry, frames: list) -> None:
+        req = self.requests[rid]
+        req.worker, req.frames = w.ident, None
+        w.load += req.n
+        w.rids.add(rid)
+        self.back.send_multipart([w.ident, *frames])
+
+    def _drain_pending(self) -> None:
+        while self.pending:
+            rid = self.pending[0]
+            req = self.requests.get(rid)
+            if req is None or req.worker is not None:
+                self.pending.popleft()  # aborted or failed while waiting
+                continue
+            w = self._place(req.n)
+            if w is None:
+                return
+            self.pending.popleft()
+            self._assign(rid, w, req.frames)
+
+    def _abort_pending(self, rids: list[str]) -> None:
+        """Requests that never reached a worker end at once, as aborted, with no tokens."""
+        for rid in rids:
+            req = self.requests.get(rid)
+            if req is None or req.worker is not None:
+                continue
+            del self.requests[rid]
+            samples = [{"index": i, "text": "", "finish_reason": "abort", "logprobs": False} for i in range(req.n)]
+            self._to_client(req.client, p.Result(rid=rid, worker="", weight_version=-1, samples=samples,
+                                                 frames=[b""] * req.n))
+
+    def _fail(self, rid: str, err: RolloutdError) -> None:
+        req = self.requests.pop(rid, None)
+        if req is None:
+            return
+        w = self.workers.get(req.worker) if req.worker else None
+        if w is not None:
+            w.load -= req.n
+            w.rids.discard(rid)
+        self._to_client(req.client, p.Error(code=err.code, message=str(err), rid=rid))
+
+    def _to_client(self, client: bytes, msg: p.Message) -> None:
+        self.front.send_multipart([client, *p.encode(msg)])
+
+
+def _ids_of(frames: list) -> tuple[str | None, str | None]:
+    """Best-effort rid and cid of a message that failed to decode, so the error reply can name them."""
+    try:
+        hdr = msgpack.unpackb(frames[1], raw=False) if len(frames) > 1 and len(frames[1]) <= p.MAX_HEADER_BYTES else {}
+    except Exception:  # garbage: nothing to name
+        return None, None
+    if not isinstance(hdr, dict):
+        return None, None
+    rid, cid = hdr.get("rid"), hdr.get("cid")
+    return (rid if isinstance(rid, str) else None), (cid if isinstance(cid, str) else None)

@@ -1,0 +1,273 @@
+"""The `rolloutd` command. `rolloutd --help` lists the subcommands, `rolloutd up --help` each one's options."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+
+from . import config
+
+DESCRIPTION = """\
+rolloutd: the generation half of an RL training loop, as a daemon. A broker fans generate / abort
+requests from trainers out to one vLLM worker per GPU over ZeroMQ.
+
+  rolloutd up --model tiny --workers 2        broker + 2 local workers, in the foreground
+  rolloutd generate --prompt "Hello"          ask the running daemon
+  rolloutd status                             its workers
+  rolloutd models prepare smollm2             build a built-in model (smollm2, tiny) into the cache
+"""
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (vLLM)")
+    g.add_argument("--model", default="smollm2",
+                   help="HF model folder, or a built-in name prepared on first use: smollm2, tiny (default: smollm2)")
+    g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, help="GPUs per worker (default 1)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per engine step (default: vLLM's)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None, help="share of GPU memory (default: vLLM's)")
+    g.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size in GiB (default: 1 on CPU)")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (faster start, slower decode)")
+    g.add_argument("--enable-sleep-mode", action="store_true", help="allow sleep / wake (GPU only)")
+    g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other vLLM engine argument, e.g. --engine-arg enable_prefix_caching=false (repeatable)")
+
+
+def _liveness_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S,
+                   help=f"heartbeat interval; a peer silent for {config.LIVENESS} of them is dead (default {config.HEARTBEAT_S})")
+
+
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drain-s", type=float, default=30.0,
+                   help="on SIGTERM, how long in-flight requests may still finish before they are aborted (default 30)")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="sequences a worker accepts at once (default 4x the engine's max-num-seqs)")
+
+
+def _engine_options(a):
+    from .engine import EngineOptions
+    from .models import resolve
+
+    extra = {}
+    for kv in a.engine_arg:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--engine-arg wants KEY=VALUE, got {kv!r}")
+        extra[k.replace("-", "_")] = _literal(v)
+    return EngineOptions(model=resolve(a.model), tensor_parallel_size=a.tensor_parallel_size,
+                         max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+                         gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_gb=a.kv_cache_gb, dtype=a.dtype,
+                         seed=a.seed, enforce_eager=a.enforce_eager, enable_sleep_mode=a.enable_sleep_mode, extra=extra)
+
+
+def _literal(v: str):
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v
+
+
+def _passthrough(a) -> list[str]:
+    """The engine flags of `up`, handed on to each worker it starts."""
+    out = ["--model", a.model, "--tensor-parallel-size", str(a.tensor_parallel_size), "--dtype", a.dtype,
+           "--seed", str(a.seed), "--heartbeat-s", str(a.heartbeat_s), "--drain-s", str(a.drain_s)]
+    for flag in ("max_model_len", "max_num_seqs", "gpu_memory_utilization", "kv_cache_gb", "capacity"):
+        v = getattr(a, flag)
+        if v is not None:
+            out += ["--" + flag.replace("_", "-"), str(v)]
+    if a.enforce_eager:
+        out.append("--enforce-eager")
+    if a.enable_sleep_mode:
+        out.append("--enable-sleep-mode")
+    for kv in a.engine_arg:
+        out += ["--engine-arg", kv]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+def cmd_up(a) -> int:
+    from .launcher import Launcher, child_cmd, gpu_count
+    from .models import resolve
+
+    resolve(a.model)  # prepare a built-in model once here, not in every worker at the same time
+    gpus = gpu_count()
+    workers = a.workers or max(1, gpus // a.tensor_parallel_size)
+    if gpus and workers * a.tensor_parallel_size > gpus:
+        raise SystemExit(f"{workers} worker(s) x tp {a.tensor_parallel_size} needs more than the {gpus} GPU(s) here")
+    host = socket.gethostname()
+    worker_cmds = []
+    for i in range(workers):
+        env = {}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i * a.tensor_parallel_size + j) for j in range(a.tensor_parallel_size))
+        cmd = child_cmd("worker", "--broker", a.back, "--id", f"{host}-w{i}", *_passthrough(a))
+        worker_cmds.append((cmd, env))
+    broker = child_cmd("broker", "--front", a.front, "--back", a.back, "--heartbeat-s", str(a.heartbeat_s))
+    return Launcher(broker, worker_cmds, a.front).run()
+
+
+def cmd_broker(a) -> int:
+    from .broker import Broker
+
+    b = Broker(a.front, a.back, heartbeat_s=a.heartbeat_s, max_pending=a.max_pending)
+    b.install_signal_handlers()
+    b.run()
+    return 0
+
+
+def cmd_worker(a) -> int:
+    from .worker import run_worker
+
+    return run_worker(_engine_options(a), a.broker, worker_id=a.id, capacity=a.capacity,
+                      weight_version=a.weight_version, heartbeat_s=a.heartbeat_s, drain_s=a.drain_s)
+
+
+def cmd_generate(a) -> int:
+    from .client import Client
+
+    prompts = a.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise SystemExit("no prompt: pass --prompt TEXT (repeatable) or lines on stdin")
+    if not a.raw:
+        prompts = [[{"role": "user", "content": t}] for t in prompts]
+    sampling = dict(n=a.n, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed)
+    with Client(a.address, timeout=a.timeout) as c:
+        results = c.generate(prompts, **sampling)
+    for prompt, r in zip(a.prompt or prompts, results):
+        if a.json:
+            print(json.dumps({"prompt": prompt, "worker": r.worker, "weight_version": r.weight_version,
+                              "samples": [{"text": s.text, "token_ids": s.token_ids, "finish_reason": s.finish_reason}
+                                          for s in r.samples]}))
+            continue
+        print(f"> {prompt if isinstance(prompt, str) else prompt[-1]['content']}")
+        for s in r.samples:
+            print(f"  [{r.worker}, {s.finish_reason}] {s.text.strip()}")
+    return 0
+
+
+def cmd_status(a) -> int:
+    from .client import Client
+
+    with Client(a.address) as c:
+        st = c.status(timeout=a.timeout)
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    rows = [("WORKER", "MODEL", "DEVICES", "IN-FLIGHT", "CAPACITY", "WEIGHTS", "PID")]
+    for w in st["workers"]:
+        rows.append((w["id"], os.path.basename(w["model"].rstrip("/")), ",".join(w["devices"]), str(w["inflight"]),
+                     str(w["capacity"]), f"v{w['weight_version']}", str(w["pid"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"{len(st['workers'])} worker(s), {st['requests']} request(s) in flight, {st['pending']} waiting")
+    return 0
+
+
+def cmd_abort(a) -> int:
+    from .client import Client
+
+    if not a.all and not a.ids:
+        raise SystemExit("name request ids, or --all")
+    with Client(a.address) as c:
+        reply = c.abort_all(timeout=a.timeout) if a.all else c.abort(a.ids, timeout=a.timeout)
+    print(json.dumps(reply, indent=2))
+    return 0 if reply.get("ok") else 1
+
+
+def cmd_models(a) -> int:
+    from .models import prepare
+
+    print(prepare(a.name, force=a.force))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rolloutd", description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--log-level", default=os.environ.get("ROLLOUTD_LOG_LEVEL", "INFO"))
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="broker + local workers in the foreground (systemd / slurm ready)",
+                       description="Start a broker and N local workers; stop them all on SIGTERM / Ctrl-C "
+                                   "(workers drain first, a second signal stops at once).")
+    p.add_argument("--workers", type=int, default=0, help="workers to start (default: one per GPU group, 1 on CPU)")
+    p.add_argument("--front", default=config.FRONT, help=f"address for clients (default {config.FRONT})")
+    p.add_argument("--back", default=config.BACK, help=f"address for workers (default {config.BACK})")
+    _engine_args(p)
+    _worker_args(p)
+    _liveness_args(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("broker", help="the broker alone (multi-node launches)")
+    p.add_argument("--front", default=config.FRONT, help=f"address for clients (default {config.FRONT})")
+    p.add_argument("--back", default=config.BACK, help=f"address for workers (default {config.BACK})")
+    p.add_argument("--max-pending", type=int, default=config.MAX_PENDING,
+                   help=f"requests held while every worker is full, then refused as busy (default {config.MAX_PENDING})")
+    _liveness_args(p)
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("worker", help="one worker (one GPU or TP group) connecting to a broker")
+    p.add_argument("--broker", default=config.BACK, help=f"the broker's worker address (default {config.BACK})")
+    p.add_argument("--id", default=None, help="worker id (default HOST-PID)")
+    p.add_argument("--weight-version", type=int, default=0, help="version of the weights it starts with")
+    _engine_args(p)
+    _worker_args(p)
+    _liveness_args(p)
+    p.set_defaults(func=cmd_worker)
+
+    def client_args(p):
+        p.add_argument("--address", default=config.FRONT, help=f"the broker (default {config.FRONT})")
+        p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+        p.add_argument("--json", action="store_true", help="JSON output")
+
+    p = sub.add_parser("generate", help="ask the daemon; prints the answers")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: lines of stdin)")
+    p.add_argument("--raw", action="store_true", help="send prompts as plain text, not as a user chat message")
+    p.add_argument("-n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=None)
+    client_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("status", help="the workers behind the broker")
+    client_args(p)
+    p.set_defaults(func=cmd_status, timeout=5.0)
+
+    p = sub.add_parser("abort", help="abort requests by id, or --all")
+    p.add_argument("ids", nargs="*", help="request ids")
+    p.add_argument("--all", action="store_true", help="abort everything in flight")
+    client_args(p)
+    p.set_defaults(func=cmd_abort, timeout=30.0)
+
+    p = sub.add_parser("models", help="built-in models")
+    msub = p.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
+    mp = msub.add_parser("prepare", help="build a built-in model into the cache and print its path")
+    mp.add_argument("name", choices=["smollm2", "tiny"])
+    mp.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .errors import RolloutdError
+    try:
+        return a.func(a)
+    except RolloutdError as e:
+        print(f"rolloutd: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

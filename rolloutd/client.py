@@ -1,0 +1,377 @@
+"""What a trainer imports: `Client` (blocking) and `AsyncClient` (asyncio), both speaking to the broker.
+
+    from rolloutd import Client
+    with Client("tcp://127.0.0.1:5555", timeout=600) as c:
+        results = c.generate(["What is 2+2?"], n=4, temperature=1.0, max_tokens=64)
+        results[0].samples[3].token_ids
+
+A prompt is text, a list of token ids, or chat messages ([{"role": ..., "content": ...}]). Every call
+has a timeout and raises a typed error from rolloutd.errors: WorkerLost, Busy, BadRequest,
+RequestTimeout, BrokerUnreachable, ... When some prompts of a generate call fail, the error raised is
+the first one, and `err.results` holds every prompt's Result (None where it failed), so nothing that
+was generated is lost.
+
+One Client (one socket) per thread; to abort from elsewhere while a generate call blocks, use a second
+Client, or AsyncClient, whose calls run side by side on one connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+import uuid
+from typing import AsyncIterator, Iterator, Sequence
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from . import config
+from . import protocol as p
+from .errors import BadRequest, BrokerUnreachable, RequestTimeout, RolloutdError, from_code
+from .results import Delta, Result, deltas_from_message, from_message
+
+DEFAULT_TIMEOUT_S = 600.0
+CONNECT_TIMEOUT_S = 5.0
+_STREAM_QUEUE = 4096  # stream deltas buffered per request before the reader waits for the consumer
+
+
+class _Base:
+    """What both clients share: the socket's set-up, ids, and turning calls into messages."""
+
+    def __init__(self, address: str, timeout: float, connect_timeout: float, ctx):
+        self.address = address
+        self.timeout = timeout
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, config.HWM)
+        self.sock.setsockopt(zmq.RCVHWM, config.HWM)
+        # Queue messages only on a live connection, and give up sending after connect_timeout: a broker
+        # that is not there shows up as BrokerUnreachable instead of a call that waits for nothing.
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.sock.setsockopt(zmq.SNDTIMEO, int(connect_timeout * 1000))
+        self.sock.connect(address)
+        self._prefix = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}-"
+        self._count = itertools.count()
+
+    def new_id(self) -> str:
+        return self._prefix + str(next(self._count))
+
+    def _generate_msgs(self, prompts, request_ids, stream: bool, sampling: dict) -> list[p.Generate]:
+        if isinstance(prompts, (str, np.ndarray)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], (int, dict))):
+            raise BadRequest("generate takes a list of prompts; wrap a single prompt in a list")
+        sampling = p.check_sampling(sampling)
+        if request_ids is not None and len(request_ids) != len(prompts):
+            raise BadRequest(f"{len(prompts)} prompts but {len(request_ids)} request ids")
+        msgs = []
+        for i, prompt in enumerate(prompts):
+            rid = request_ids[i] if request_ids is not None else self.new_id()
+            msgs.append(_generate_msg(rid, prompt, sampling, stream))
+        return msgs
+
+    def _deadline(self, timeout: float | None) -> float:
+        return time.monotonic() + (self.timeout if timeout is None else timeout)
+
+
+def _generate_msg(rid: str, prompt, sampling: dict, stream: bool) -> p.Generate:
+    if isinstance(prompt, str):
+        return p.Generate(rid=rid, sampling=sampling, prompt=prompt, stream=stream)
+    if isinstance(prompt, np.ndarray) or (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (int, np.integer))):
+        return p.Generate(rid=rid, sampling=sampling, stream=stream, frames=[p.pack_ids(prompt)])
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        p.check_chat(prompt)
+        return p.Generate(rid=rid, sampling=sampling, prompt=prompt, stream=stream)
+    raise BadRequest(f"a prompt is text, a non-empty list of token ids or chat messages; got {type(prompt).__name__}")
+
+
+def _error(msg: p.Error) -> RolloutdError:
+    return from_code(msg.code, msg.message, request_id=msg.rid)
+
+
+def _reply(msg) -> dict:
+    if msg.CMD is p.Cmd.ERROR:
+        raise _error(msg)
+    return {"ok": msg.ok, **msg.data}
+
+
+def _finish(rids: list[str], results: dict, errors: dict) -> list[Result]:
+    ordered = [results.get(r) for r in rids]
+    if errors:
+        first = errors[next(r for r in rids if r in errors)]
+        first.results = ordered
+        first.errors = errors
+        raise first
+    return ordered
+
+
+class Client(_Base):
+    """Blocking client. Not thread-safe: one per thread."""
+
+    def __init__(self, address: str = config.FRONT, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 connect_timeout: float = CONNECT_TIMEOUT_S):
+        super().__init__(address, timeout, connect_timeout, zmq.Context.instance())
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _send(self, msg: p.Message) -> None:
+        try:
+            self.sock.send_multipart(p.encode(msg), copy=False)
+        except zmq.Again:
+            raise BrokerUnreachable(f"could not reach a broker at {self.address}") from None
+
+    def _recv(self, deadline: float) -> p.Message | None:
+        """The next message, or None at the deadline. Malformed messages are skipped, never fatal."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(left * 1000, zmq.POLLIN):
+                return None
+            try:
+                return p.decode(self.sock.recv_multipart())
+            except RolloutdError:
+                continue
+
+    def _timed_out(self, what: str, rids: Sequence[str] = ()) -> RolloutdError:
+        if rids:  # nobody will wait for these any more: free the engine
+            try:
+                self._send(p.Abort(cid=self.new_id(), rids=list(rids)))
+            except RolloutdError:
+                pass
+        try:
+            self._call(p.Ping(cid=self.new_id(), target="broker"), timeout=1.0)
+        except RolloutdError:
+            return BrokerUnreachable(f"no answer from a broker at {self.address} ({what})")
+        return RequestTimeout(f"{what} did not finish in time")
+
+    # ------------------------------------------------------------------------------------- generation
+
+    def generate(self, prompts: Sequence, *, timeout: float | None = None,
+                 request_ids: Sequence[str] | None = None, **sampling) -> list[Result]:
+        """Generate for every prompt; returns one Result per prompt, in order.
+
+        sampling: n, temperature, top_p, top_k, min_p, max_tokens, min_tokens, stop, stop_token_ids, seed,
+        ignore_eos, logprobs (True: each sampled token's logprob), presence/frequency/repetition_penalty.
+        """
+        msgs = self._generate_msgs(prompts, request_ids, False, sampling)
+        deadline = self._deadline(timeout)
+        for m in msgs:
+            self._send(m)
+        rids = [m.rid for m in msgs]
+        waiting = set(rids)
+        results, errors = {}, {}
+        while waiting:
+            msg = self._recv(deadline)
+            if msg is None:
+                raise self._timed_out(f"generate of {len(rids)} prompt(s)", list(waiting))
+            rid = getattr(msg, "rid", None)
+            if rid not in waiting:
+                continue  # a late answer to an earlier call
+            if msg.CMD is p.Cmd.RESULT:
+                results[rid] = from_message(msg)
+                waiting.discard(rid)
+            elif msg.CMD is p.Cmd.ERROR:
+                errors[rid] = _error(msg)
+                waiting.discard(rid)
+        return _finish(rids, results, errors)
+
+    def stream(self, prompt, *, timeout: float | None = None, request_id: str | None = None,
+               **sampling) -> Iterator[Delta | Result]:
+        """Yield a Delta per engine step as tokens arrive, then the final Result."""
+        (msg,) = self._generate_msgs([prompt], [request_id] if request_id else None, True, sampling)
+        deadline = self._deadline(timeout)
+        self._send(msg)
+        while True:
+            m = self._recv(deadline)
+            if m is None:
+                raise self._timed_out("stream", [msg.rid])
+            if getattr(m, "rid", None) != msg.rid:
+                continue
+            if m.CMD is p.Cmd.TOKENS:
+                yield from deltas_from_message(m)
+            elif m.CMD is p.Cmd.RESULT:
+                yield from_message(m)
+                return
+            elif m.CMD is p.Cmd.ERROR:
+                raise _error(m)
+
+    # ----------------------------------------------------------------------------------------- control
+
+    def _call(self, msg, timeout: float | None = None) -> dict:
+        deadline = self._deadline(timeout)
+        self._send(msg)
+        while True:
+            m = self._recv(deadline)
+            if m is None:
+                raise RequestTimeout(f"{type(msg).__name__} got no answer in time")
+            if getattr(m, "cid", None) == msg.cid:
+                return _reply(m)
+
+    def abort(self, request_ids: Sequence[str], timeout: float | None = None) -> dict:
+        """Abort these requests (their callers get partial outputs, finish_reason "abort"). The reply names
+        ids that were unknown or already finished under data["broker"]["unknown"]."""
+        return self._call(p.Abort(cid=self.new_id(), rids=list(request_ids)), timeout)
+
+    def abort_all(self, timeout: float | None = None) -> dict:
+        """Abort everything in flight on every worker; per-worker counts in the reply."""
+        return self._call(p.AbortAll(cid=self.new_id()), timeout)
+
+    def status(self, timeout: float | None = CONNECT_TIMEOUT_S) -> dict:
+        """The broker's worker table: {"workers": [{id, model, devices, inflight, capacity, weight_version,
+        pid, engine}], "pending": n, "requests": n}."""
+        try:
+            return self._call(p.Status(cid=self.new_id()), timeout)
+        except RequestTimeout:
+            raise BrokerUnreachable(f"no answer from a broker at {self.address}") from None
+
+    def ping(self, target: str = "worker", timeout: float | None = CONNECT_TIMEOUT_S) -> dict:
+        """A round trip to the broker ("broker") or through it to a worker ("worker", or a worker id)."""
+        return self._call(p.Ping(cid=self.new_id(), target=target), timeout)
+
+    def wait_for_workers(self, count: int, timeout: float = 300.0) -> dict:
+        """Block until at least `count` workers are registered (engines take a while to start)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                st = self.status(timeout=min(CONNECT_TIMEOUT_S, max(0.1, deadline - time.monotonic())))
+                if len(st["workers"]) >= count:
+                    return st
+            except BrokerUnreachable:
+                pass
+            if time.monotonic() > deadline:
+                raise RequestTimeout(f"fewer than {count} worker(s) registered within {timeout:.0f} s")
+            time.sleep(0.25)
+
+
+class AsyncClient(_Base):
+    """asyncio client: any number of calls may run at once on one connection."""
+
+    def __init__(self, address: str = config.FRONT, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 connect_timeout: float = CONNECT_TIMEOUT_S):
+        super().__init__(address, timeout, connect_timeout, zmq.asyncio.Context.instance())
+        self._waiters: dict[str, asyncio.Future | asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self.sock.close(0)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def _send(self, msg: p.Message) -> None:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        try:
+            await self.sock.send_multipart(p.encode(msg), copy=False)
+        except zmq.Again:
+            raise BrokerUnreachable(f"could not reach a broker at {self.address}") from None
+
+    async def _read(self) -> None:
+        """One reader for every call: routes each message to the future or stream queue of its id."""
+        while True:
+            if not await self.sock.poll(1000, zmq.POLLIN):
+                continue
+            try:
+                msg = p.decode(await self.sock.recv_multipart())
+            except RolloutdError:
+                continue
+            key = getattr(msg, "rid", None) or getattr(msg, "cid", None)
+            w = self._waiters.get(key)
+            if w is None:
+                continue
+            if isinstance(w, asyncio.Queue):
+                await w.put(msg)  # bounded: a slow stream consumer slows the reader, memory stays bounded
+            elif not w.done():
+                w.set_result(msg)
+
+    async def _await(self, key: str, fut: asyncio.Future, deadline: float):
+        try:
+            return await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"request {key} did not finish in time", request_id=key) from None
+        finally:
+            self._waiters.pop(key, None)
+
+    async def generate(self, prompts: Sequence, *, timeout: float | None = None,
+                       request_ids: Sequence[str] | None = None, **sampling) -> list[Result]:
+        """As Client.generate."""
+        msgs = self._generate_msgs(prompts, request_ids, False, sampling)
+        deadline = self._deadline(timeout)
+        loop = asyncio.get_running_loop()
+        futs = {}
+        for m in msgs:
+            futs[m.rid] = self._waiters[m.rid] = loop.create_future()
+            await self._send(m)
+        outs = await asyncio.gather(*(self._await(r, f, deadline) for r, f in futs.items()), return_exceptions=True)
+        results, errors = {}, {}
+        timed_out = []
+        for rid, out in zip(futs, outs):
+            if isinstance(out, RequestTimeout):
+                timed_out.append(rid)
+                errors[rid] = out
+            elif isinstance(out, BaseException):
+                raise out
+            elif out.CMD is p.Cmd.RESULT:
+                results[rid] = from_message(out)
+            else:
+                errors[rid] = _error(out)
+        if timed_out:
+            await self._send(p.Abort(cid=self.new_id(), rids=timed_out))
+        return _finish(list(futs), results, errors)
+
+    async def stream(self, prompt, *, timeout: float | None = None, request_id: str | None = None,
+                     **sampling) -> AsyncIterator[Delta | Result]:
+        """Yield a Delta per engine step as tokens arrive, then the final Result."""
+        (msg,) = self._generate_msgs([prompt], [request_id] if request_id else None, True, sampling)
+        deadline = self._deadline(timeout)
+        q: asyncio.Queue = asyncio.Queue(_STREAM_QUEUE)
+        self._waiters[msg.rid] = q
+        try:
+            await self._send(msg)
+            while True:
+                try:
+                    m = await asyncio.wait_for(q.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    await self._send(p.Abort(cid=self.new_id(), rids=[msg.rid]))
+                    raise RequestTimeout("stream did not finish in time", request_id=msg.rid) from None
+                if m.CMD is p.Cmd.TOKENS:
+                    for d in deltas_from_message(m):
+                        yield d
+                elif m.CMD is p.Cmd.RESULT:
+                    yield from_message(m)
+                    return
+                elif m.CMD is p.Cmd.ERROR:
+                    raise _error(m)
+        finally:
+            self._waiters.pop(msg.rid, None)
+
+    async def _call(self, msg, timeout: float | None = None) -> dict:
+        fut = self._waiters[msg.cid] = asyncio.get_running_loop().create_future()
+        await self._send(msg)
+        return _reply(await self._await(msg.cid, fut, self._deadline(timeout)))
+
+    async def abort(self, request_ids: Sequence[str], timeout: float | None = None) -> dict:
+        return await self._call(p.Abort(cid=self.new_id(), rids=list(request_ids)), timeout)
+
+    async def abort_all(self, timeout: float | None = None) -> dict:
+        return await self._call(p.AbortAll(cid=self.new_id()), timeout)
+
+    async def status(self, timeout: float | None = CONNECT_TIMEOUT_S) -> dict:
+        try:
+            return await self._call(p.Status(cid=self.new_id()), timeout)
+        except RequestTimeout:
+            raise BrokerUnreachable(f"no answer from a broker at {self.address}") from None
+
+    async def ping(self, target: str = "worker", timeout: float | None = CONNECT_TIMEOUT_S) -> dict:
+        return await self._call(p.Ping(cid=self.new_id(), target=target), timeout)

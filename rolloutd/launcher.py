@@ -1,0 +1,154 @@
+"""`rolloutd up`: the broker and N local workers as child processes, in the foreground.
+
+Each child runs in its own process session, so that its whole tree (vLLM's engine processes included)
+can be signalled as one group: nothing is left behind when a worker dies or the daemon stops. Stopping
+(SIGTERM, or Ctrl-C) goes workers first, so that they drain and their last results still reach clients
+through the broker, then the broker. A second signal kills everything at once. Readiness is announced
+on stdout and to systemd (sd_notify READY=1) once every worker has registered.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from .client import Client
+from .errors import RolloutdError
+
+log = logging.getLogger("rolloutd.up")
+
+_POLL_S = 0.2
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(state.encode(), addr)
+    except OSError as e:
+        log.warning("sd_notify failed: %s", e)
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:  # no torch / no driver: a CPU machine
+        return 0
+
+
+class Launcher:
+    def __init__(self, broker_cmd: list[str], worker_cmds: list[tuple[list[str], dict]], front: str,
+                 ready_timeout_s: float = 900.0, stop_timeout_s: float = 60.0):
+        self.broker_cmd = broker_cmd
+        self.worker_cmds = worker_cmds
+        self.front = front
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.broker: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self._signals = 0
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._signals += 1  # only state here; the loop acts on it
+
+    def _spawn(self, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+        return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.broker = self._spawn(self.broker_cmd)
+        self.workers = [self._spawn(cmd, env) for cmd, env in self.worker_cmds]
+        try:
+            if not self._wait_ready():
+                return 1
+            rc = self._watch()
+        finally:
+            self._stop()
+        return rc
+
+    def _wait_ready(self) -> bool:
+        want = len(self.workers)
+        deadline = time.monotonic() + self.ready_timeout_s
+        with Client(self.front, timeout=2.0) as c:
+            while not self._signals:
+                if self._dead():
+                    return False
+                try:
+                    st = c.status(timeout=1.0)
+                    if len(st["workers"]) >= want:
+                        print(f"rolloutd: ready: {want} worker(s) behind {self.front}", flush=True)
+                        sd_notify("READY=1")
+                        return True
+                except RolloutdError:
+                    pass
+                if time.monotonic() > deadline:
+                    log.error("only some workers registered within %.0f s; stopping", self.ready_timeout_s)
+                    return False
+                time.sleep(_POLL_S)
+        return False
+
+    def _dead(self) -> bool:
+        if self.broker.poll() is not None:
+            log.error("the broker exited (code %s); stopping", self.broker.returncode)
+            return True
+        for w in self.workers:
+            if w.poll() is not None and not getattr(w, "_reported", False):
+                w._reported = True
+                # Its engine processes may outlive it: end the whole group.
+                _killpg(w, signal.SIGKILL)
+                log.error("worker pid %d exited (code %s); its requests fail over to the others",
+                          w.pid, w.returncode)
+        return all(w.poll() is not None for w in self.workers)
+
+    def _watch(self) -> int:
+        while not self._signals:
+            if self._dead():
+                return 1
+            time.sleep(_POLL_S)
+        return 0
+
+    def _stop(self) -> None:
+        sd_notify("STOPPING=1")
+        print("rolloutd: stopping (again to stop at once)", flush=True)
+        for w in self.workers:
+            _killpg(w, signal.SIGTERM)
+        self._wait(self.workers)
+        _killpg(self.broker, signal.SIGTERM)
+        self._wait([self.broker])
+        for p in [*self.workers, self.broker]:
+            _killpg(p, signal.SIGKILL)  # anything left in the groups (engine processes) goes too
+        print("rolloutd: stopped", flush=True)
+
+    def _wait(self, procs: list[subprocess.Popen]) -> None:
+        deadline = time.monotonic() + self.stop_timeout_s
+        seen = self._signals
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline or self._signals > max(seen, 1):
+                for p in procs:
+                    _killpg(p, signal.SIGKILL)
+                seen = self._signals
+            time.sleep(0.05)
+
+
+def _killpg(proc: subprocess.Popen | None, sig: int) -> None:
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def child_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rolloutd.cli", *args]

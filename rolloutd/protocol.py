@@ -1,0 +1,497 @@
+"""Every message rolloutd puts on the wire, and the one codec for all of them.
+
+A message is a list of ZeroMQ frames:
+
+    frame 0   5 bytes: the protocol tag b"RLD1" and one command byte
+    frame 1   a msgpack map: the message's header fields (names and types below)
+    frame 2.. raw bulk frames (token ids as little-endian int32, logprobs as float32), never msgpack lists:
+              lists cost about 3x the latency, and the broker forwards these frames without reading them
+
+Decoding checks the tag, the command, the header's size, every field's type and, where asked, the bulk
+frames; anything off raises ProtocolError (or BadRequest for valid-looking but impossible sampling), whose
+text the broker sends back as the error reply. There is no pickle anywhere: a CUDA IPC handle, when
+weights travel, is plain fields rebuilt on the other side.
+
+Message classes are named after their command (Cmd.ABORT_ALL -> AbortAll); `_register` checks that at
+import, so a new message cannot be half-added.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar, Union
+
+import msgpack
+import numpy as np
+
+from .errors import BadRequest, ProtocolError
+
+TAG = b"RLD1"  # protocol name + version: a peer speaking another version is refused by name
+
+MAX_HEADER_BYTES = 1 << 20  # headers are small; a bigger one is garbage or abuse
+MAX_FRAMES = 4 + 2 * 1024  # a result carries up to 2 frames per sample, n <= 1024
+MAX_FRAME_BYTES = 1 << 26  # 64 MiB: 16M prompt tokens; bulk weights never ride these sockets
+MAX_PROMPT_TOKENS = 1 << 20
+MAX_ID_LEN = 128
+MAX_N = 1024
+
+TOKEN_DTYPE = np.dtype("<i4")
+LOGPROB_DTYPE = np.dtype("<f4")
+
+
+class Cmd(IntEnum):
+    # worker <-> broker session
+    READY = 1
+    HEARTBEAT = 2
+    DISCONNECT = 3
+    # generation
+    GENERATE = 10
+    TOKENS = 11
+    RESULT = 12
+    ABORT = 13
+    ABORT_ALL = 14
+    # engine state, fanned out to every worker
+    LOAD_WEIGHTS = 20
+    SLEEP = 21
+    WAKE = 22
+    PAUSE = 23
+    RESUME = 24
+    # queries
+    STATUS = 30
+    PING = 31
+    # answers
+    REPLY = 40
+    ERROR = 41
+
+
+@dataclass
+class Message:
+    CMD: ClassVar[Cmd]
+    _fields: ClassVar[tuple]  # (name, checker, required, type text) per header field, set by _register
+
+    frames: list = field(default_factory=list, kw_only=True)
+
+    def header(self) -> dict:
+        return {name: getattr(self, name) for name, *_ in self._fields}
+
+    def check_frames(self) -> None:
+        """Check the bulk frames against the header; most messages carry none."""
+        if self.frames:
+            raise ProtocolError(f"{type(self).__name__} carries no bulk frames, got {len(self.frames)}")
+
+
+# ---------------------------------------------------------------------------------------------- session
+
+@dataclass
+class Ready(Message):
+    """Worker -> broker, first message of a session: what this worker serves."""
+    CMD = Cmd.READY
+    worker: str
+    model: str
+    devices: list[str]  # GPU UUIDs, or ["cpu"]
+    capacity: int  # sequences (prompts x n) it accepts at once
+    weight_version: int
+    transports: list[str]  # how it can take weights: "cuda_ipc", "shm", "path"
+    pid: int
+    engine: dict  # {"vllm": "0.32.0", "tensor_parallel_size": 1, ...}
+
+
+@dataclass
+class Heartbeat(Message):
+    """Both ways, every interval; a worker's also says how much it holds."""
+    CMD = Cmd.HEARTBEAT
+    inflight: int = 0
+
+
+@dataclass
+class Disconnect(Message):
+    """Either way: this session is over (a worker stopping, or a broker that does not know the sender)."""
+    CMD = Cmd.DISCONNECT
+    reason: str = ""
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+@dataclass
+class Generate(Message):
+    """Client -> broker -> worker: one prompt, n samples (all n stay on one worker: shared prefix).
+
+    The prompt is exactly one of: `prompt` text, `prompt` as chat messages ([{"role", "content"}, ...],
+    rendered with the model's chat template), or token ids in frames[0] with `prompt` None.
+    """
+    CMD = Cmd.GENERATE
+    rid: str
+    sampling: dict
+    prompt: Union[str, list, None] = None
+    stream: bool = False
+
+    def check_frames(self) -> None:
+        _check_id(self.rid, "rid")
+        self.sampling = check_sampling(self.sampling)
+        if self.prompt is None:
+            if len(self.frames) != 1:
+                raise ProtocolError("generate without `prompt` needs exactly one frame of int32 token ids")
+            n = _frame_len(self.frames[0], TOKEN_DTYPE, "prompt token ids")
+            if n == 0:
+                raise BadRequest("empty prompt")
+            if n > MAX_PROMPT_TOKENS:
+                raise BadRequest(f"prompt of {n} tokens is over the limit of {MAX_PROMPT_TOKENS}")
+            return
+        if self.frames:
+            raise ProtocolError("generate carries either `prompt` or token-id frames, not both")
+        if isinstance(self.prompt, str):
+            if not self.prompt:
+                raise BadRequest("empty prompt")
+        else:
+            check_chat(self.prompt)
+
+    @property
+    def n(self) -> int:
+        return self.sampling.get("n", 1)
+
+
+@dataclass
+class Tokens(Message):
+    """Worker -> broker -> client, streaming only: what each sample gained in one engine step.
+
+    deltas[i] = [sample index, text delta]; frames[i] = that sample's new token ids (int32).
+    """
+    CMD = Cmd.TOKENS
+    rid: str
+    deltas: list[list]
+
+    def check_frames(self) -> None:
+        if len(self.frames) != len(self.deltas):
+            raise ProtocolError(f"tokens: {len(self.deltas)} deltas but {len(self.frames)} frames")
+        for d, f in zip(self.deltas, self.frames):
+            if len(d) != 2 or not isinstance(d[0], int) or not isinstance(d[1], str):
+                raise ProtocolError("tokens: each delta is [sample index, text]")
+            _frame_len(f, TOKEN_DTYPE, "token ids")
+
+
+@dataclass
+class Result(Message):
+    """Worker -> broker -> client: the end of one request, every sample in it.
+
+    samples[i] = {"index", "text", "finish_reason", "logprobs": bool}; frames hold, sample by sample,
+    its token ids (int32) and, when it has logprobs, the sampled tokens' logprobs (float32).
+    finish_reason is "stop", "length" or "abort" (an aborted request keeps what it had generated).
+    """
+    CMD = Cmd.RESULT
+    rid: str
+    worker: str
+    weight_version: int
+    samples: list[dict]
+    prompt_tokens: int = 0
+
+    def check_frames(self) -> None:
+        want = sum(2 if s.get("logprobs") else 1 for s in self.samples)
+        if len(self.frames) != want:
+            raise ProtocolError(f"result: samples need {want} frames, got {len(self.frames)}")
+        i = 0
+        for s in self.samples:
+            if not isinstance(s.get("text"), str) or not isinstance(s.get("finish_reason"), str):
+                raise ProtocolError("result: each sample needs text and finish_reason strings")
+            n = _frame_len(self.frames[i], TOKEN_DTYPE, "token ids")
+            i += 1
+            if s.get("logprobs"):
+                if _frame_len(self.frames[i], LOGPROB_DTYPE, "logprobs") != n:
+                    raise ProtocolError("result: logprobs and token ids differ in length")
+                i += 1
+
+
+@dataclass
+class Abort(Message):
+    """Client -> broker -> owning worker(s): stop these requests; each ends with its partial output."""
+    CMD = Cmd.ABORT
+    cid: str
+    rids: list[str]
+
+
+@dataclass
+class AbortAll(Message):
+    """Client -> broker -> every worker: stop everything in flight."""
+    CMD = Cmd.ABORT_ALL
+    cid: str
+
+
+# ------------------------------------------------------------------------------------------ engine state
+
+@dataclass
+class LoadWeights(Message):
+    """Client -> broker -> every worker: take new weights and serve them as `version`.
+
+    `source` says how they travel ("path": a checkpoint folder on the worker's disk; "cuda_ipc" and
+    "shm": buffers shared by a colocated trainer, described in `spec` as plain fields).
+    """
+    CMD = Cmd.LOAD_WEIGHTS
+    cid: str
+    version: int
+    source: str
+    spec: dict = field(default_factory=dict)
+
+
+@dataclass
+class Sleep(Message):
+    """Level 1 offloads weights and drops the KV cache; level 2 drops both."""
+    CMD = Cmd.SLEEP
+    cid: str
+    level: int = 1
+
+
+@dataclass
+class Wake(Message):
+    """Wake from sleep; tags pick what to bring back ("weights", "kv_cache"), empty means all."""
+    CMD = Cmd.WAKE
+    cid: str
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Pause(Message):
+    """mode "abort": abort in flight; "wait": let in flight finish; "keep": freeze in flight until resume."""
+    CMD = Cmd.PAUSE
+    cid: str
+    mode: str = "abort"
+
+
+@dataclass
+class Resume(Message):
+    CMD = Cmd.RESUME
+    cid: str
+
+
+# ------------------------------------------------------------------------------------------------ queries
+
+@dataclass
+class Status(Message):
+    """Client -> broker: the worker table (the broker answers itself)."""
+    CMD = Cmd.STATUS
+    cid: str
+
+
+@dataclass
+class Ping(Message):
+    """Client -> broker (target "broker") or -> broker -> a worker (target "worker", or a worker id)."""
+    CMD = Cmd.PING
+    cid: str
+    target: str = "worker"
+
+
+# ------------------------------------------------------------------------------------------------ answers
+
+@dataclass
+class Reply(Message):
+    """The answer to a cid-carrying command. From the broker, fanned-out commands get one aggregated
+    reply whose data maps each worker id to that worker's own reply data."""
+    CMD = Cmd.REPLY
+    cid: str
+    ok: bool = True
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class Error(Message):
+    """Something went wrong; `code` is one of rolloutd.errors' codes. rid or cid names what it answers."""
+    CMD = Cmd.ERROR
+    code: str
+    message: str
+    rid: Union[str, None] = None
+    cid: Union[str, None] = None
+
+
+# ------------------------------------------------------------------------------------------------- codec
+
+_BY_CMD: dict[int, type[Message]] = {}
+_HEAD: dict[int, bytes] = {}
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def encode(msg: Message) -> list[bytes]:
+    """The frames for one message (bulk frames are passed through as given: bytes, memoryview, Frame)."""
+    return [_HEAD[msg.CMD], _packb(msg.header()), *msg.frames]
+
+
+def peek_cmd(frames: list) -> int | None:
+    """The command byte of a message, if its tag is right, without decoding it (for routing)."""
+    head = frames[0] if frames else b""
+    return head[4] if len(head) == 5 and head[:4] == TAG else None
+
+
+def decode(frames: list, *, check_frames: bool = True) -> Message:
+    """Parse and validate one message. Raises ProtocolError / BadRequest naming what is wrong.
+
+    check_frames=False skips the bulk-frame checks (the broker forwards those it does not read).
+    """
+    if len(frames) < 2:
+        raise ProtocolError(f"a message has at least 2 frames (tag+command, header), got {len(frames)}")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"{len(frames)} frames is over the limit of {MAX_FRAMES}")
+    head = bytes(frames[0])
+    if len(head) != 5 or head[:4] != TAG:
+        raise ProtocolError(f"bad protocol tag {head[:8]!r}: this peer speaks {TAG.decode()}")
+    cls = _BY_CMD.get(head[4])
+    if cls is None:
+        raise ProtocolError(f"unknown command byte {head[4]}")
+    raw = frames[1]
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"{cls.__name__} header of {len(raw)} bytes is over the limit of {MAX_HEADER_BYTES}")
+    try:
+        hdr = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"{cls.__name__} header is not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(hdr, dict):
+        raise ProtocolError(f"{cls.__name__} header must be a map, got {type(hdr).__name__}")
+    kwargs = {}
+    for name, check, required, tname in cls._fields:
+        if name in hdr:
+            v = hdr[name]
+            if not check(v):
+                raise ProtocolError(f"{cls.__name__}.{name} must be {tname}, got {type(v).__name__}")
+            kwargs[name] = v
+        elif required:
+            raise ProtocolError(f"{cls.__name__} is missing field `{name}`")
+    if len(kwargs) != len(hdr):
+        extra = sorted(set(hdr) - set(kwargs))
+        raise ProtocolError(f"{cls.__name__} has unknown field(s) {extra}")
+    msg = cls(**kwargs, frames=list(frames[2:]))
+    if check_frames:
+        msg.check_frames()
+    return msg
+
+
+# ------------------------------------------------------------------------------------- field validators
+
+SAMPLING_FIELDS: dict[str, tuple] = {
+    # name: (types, check, what the check means)
+    "n": (int, lambda v: 1 <= v <= MAX_N, f"between 1 and {MAX_N}"),
+    "temperature": (float, lambda v: v >= 0, ">= 0"),
+    "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (int, lambda v: v >= -1, ">= -1 (0 or -1: off)"),
+    "min_p": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "max_tokens": (int, lambda v: v >= 1, ">= 1"),
+    "min_tokens": (int, lambda v: v >= 0, ">= 0"),
+    "stop": (list, lambda v: all(isinstance(s, str) and s for s in v), "a list of non-empty strings"),
+    "stop_token_ids": (list, lambda v: all(isinstance(t, int) and t >= 0 for t in v), "a list of token ids"),
+    "seed": (int, lambda v: True, "an integer"),
+    "ignore_eos": (bool, lambda v: True, "true or false"),
+    "logprobs": (bool, lambda v: True, "true or false"),
+    "presence_penalty": (float, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "frequency_penalty": (float, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "repetition_penalty": (float, lambda v: v > 0, "> 0"),
+}
+
+
+def check_sampling(s: dict) -> dict:
+    """Validate sampling options (None means default and is dropped); raises BadRequest naming the field."""
+    out = {}
+    for k, v in s.items():
+        spec = SAMPLING_FIELDS.get(k)
+        if spec is None:
+            raise BadRequest(f"unknown sampling option `{k}`; known: {', '.join(SAMPLING_FIELDS)}")
+        if v is None:
+            continue
+        tp, ok, what = spec
+        if k == "stop" and isinstance(v, str):
+            v = [v]
+        if tp is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, tp) or (tp is int and isinstance(v, bool)) or not ok(v):
+            raise BadRequest(f"sampling option `{k}` must be {what}, got {v!r}")
+        out[k] = v
+    return out
+
+
+def check_chat(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("a chat prompt is a non-empty list of {role, content} maps")
+    for m in messages:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise BadRequest("each chat message needs string `role` and `content`")
+
+
+def _check_id(v: str, what: str) -> None:
+    if not v or len(v) > MAX_ID_LEN:
+        raise ProtocolError(f"{what} must be 1..{MAX_ID_LEN} characters")
+
+
+def _frame_len(frame, dtype: np.dtype, what: str) -> int:
+    nbytes = len(frame)
+    if nbytes > MAX_FRAME_BYTES:
+        raise ProtocolError(f"{what}: frame of {nbytes} bytes is over the limit of {MAX_FRAME_BYTES}")
+    if nbytes % dtype.itemsize:
+        raise ProtocolError(f"{what}: {nbytes} bytes is not a whole number of {dtype.name}")
+    return nbytes // dtype.itemsize
+
+
+# ------------------------------------------------------------------------------------------ bulk helpers
+
+def pack_ids(ids) -> bytes:
+    """Token ids (list, tuple or array) as one little-endian int32 frame."""
+    return np.asarray(ids, dtype=TOKEN_DTYPE).tobytes()
+
+
+def unpack_ids(frame) -> list[int]:
+    return np.frombuffer(frame, dtype=TOKEN_DTYPE).tolist()
+
+
+def pack_logprobs(lps) -> bytes:
+    return np.asarray(lps, dtype=LOGPROB_DTYPE).tobytes()
+
+
+def unpack_logprobs(frame) -> list[float]:
+    return np.frombuffer(frame, dtype=LOGPROB_DTYPE).tolist()
+
+
+# ------------------------------------------------------------------------------------------- registration
+
+def _checker(tp) -> typing.Callable[[Any], bool]:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return lambda v: True
+    if origin is Union or origin is types.UnionType:
+        subs = [_checker(a) for a in typing.get_args(tp)]
+        return lambda v: any(c(v) for c in subs)
+    if tp is type(None):
+        return lambda v: v is None
+    if tp is int:
+        return lambda v: type(v) is int
+    if tp is float:
+        return lambda v: type(v) in (int, float)
+    if tp in (str, bytes, bool, dict, list):
+        return lambda v: isinstance(v, tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        c = _checker(inner)
+        return lambda v: isinstance(v, list) and all(c(x) for x in v)
+    if origin is dict:
+        return lambda v: isinstance(v, dict)
+    raise TypeError(f"protocol field type {tp!r} has no wire checker")
+
+
+def _register() -> None:
+    mod = sys.modules[__name__]
+    for cmd in Cmd:
+        name = "".join(p.capitalize() for p in cmd.name.split("_"))
+        cls = getattr(mod, name, None)
+        assert cls is not None and issubclass(cls, Message), f"Cmd.{cmd.name} needs a message class {name}"
+        assert cls.CMD is cmd, f"{name}.CMD must be Cmd.{cmd.name}"
+        hints = typing.get_type_hints(cls)
+        fields = []
+        for f in dataclasses.fields(cls):
+            if f.name == "frames":
+                continue
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            tp = hints[f.name]
+            fields.append((f.name, _checker(tp), required, getattr(tp, "__name__", str(tp))))
+        cls._fields = tuple(fields)
+        _BY_CMD[int(cmd)] = cls
+        _HEAD[cmd] = TAG + bytes([int(cmd)])
+
+
+_register()

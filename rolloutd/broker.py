@@ -130,6 +130,14 @@ class Broker:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        late = now - self._next_beat
+        if self._next_beat and late > self.heartbeat_s / 2:
+            # This process was not running (on a loaded 2-core machine a vLLM engine starting a batch has
+            # frozen every process here for most of a second): nobody could be heard meanwhile, so the
+            # stall does not count against the workers' liveness.
+            log.warning("broker loop stalled %.2f s; extending worker liveness by as much", late)
+            for w in self.workers.values():
+                w.expiry += late
         self._next_beat = now + self.heartbeat_s
         beat = p.encode(p.Heartbeat())
         for w in list(self.workers.values()):

@@ -90,6 +90,21 @@ def _passthrough(a) -> list[str]:
     return out
 
 
+def cpu_bind(worker: int, workers: int, tp: int, ncpu: int | None = None) -> str:
+    """vLLM CPU's thread binding for a tensor-parallel worker: its own cores, one list per TP rank ("auto"
+    binds every rank to the first core). Workers without TP are left to "auto", which keeps the other
+    cores free for the processes around the engine.
+    """
+    ncpu = ncpu or len(os.sched_getaffinity(0))
+    ranks = workers * tp
+    per = max(1, ncpu // ranks)
+    lists = []
+    for r in range(worker * tp, worker * tp + tp):
+        first = (r * per) % ncpu
+        lists.append(f"{first}-{first + per - 1}" if per > 1 else str(first))
+    return "|".join(lists)
+
+
 # ------------------------------------------------------------------------------------------------ commands
 
 def cmd_up(a) -> int:
@@ -107,6 +122,8 @@ def cmd_up(a) -> int:
         env = {}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i * a.tensor_parallel_size + j) for j in range(a.tensor_parallel_size))
+        elif a.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(i, workers, a.tensor_parallel_size)
         cmd = child_cmd("worker", "--broker", a.back, "--id", f"{host}-w{i}", *_passthrough(a))
         worker_cmds.append((cmd, env))
     broker = child_cmd("broker", "--front", a.front, "--back", a.back, "--heartbeat-s", str(a.heartbeat_s))

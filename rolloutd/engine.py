@@ -95,6 +95,12 @@ def tokens_prompt(ids: list[int]):
     return TokensPrompt(prompt_token_ids=ids)
 
 
+def is_client_error(e: BaseException) -> bool:
+    """Whether vLLM refused the request itself (too long, greedy with n > 1, ...) rather than failed.
+    vLLM 0.32 raises VLLMClientError subclasses, older releases ValueError; match by name so that both work."""
+    return isinstance(e, (ValueError, TypeError)) or any(c.__name__ == "VLLMClientError" for c in type(e).__mro__)
+
+
 def sampled_logprobs(comp) -> list[float] | None:
     """The logprob of each sampled token of a CompletionOutput (list of dicts or FlatLogprobs)."""
     if comp.logprobs is None:

@@ -108,12 +108,22 @@ class Worker:
             if now >= next_beat:
                 next_beat = now + self.heartbeat_s
                 await self._send(p.Heartbeat(inflight=len(self.tasks)))
-            if now - last_heard > self.heartbeat_s * self.liveness:
+            # Twice the broker's patience: the broker expiring a worker is what frees clients; a worker
+            # giving up on its broker throws away all it holds, so it waits longer before it does.
+            if now - last_heard > 2 * self.heartbeat_s * self.liveness:
                 return heard
             wait_s = max(0.0, next_beat - time.monotonic())
             if self._stopping:
                 wait_s = min(wait_s, 0.05)
-            if await self.sock.poll(timeout=wait_s * 1000, flags=zmq.POLLIN):
+            t_poll = time.monotonic()
+            ready = await self.sock.poll(timeout=wait_s * 1000, flags=zmq.POLLIN)
+            late = time.monotonic() - t_poll - wait_s
+            if late > self.heartbeat_s / 2:
+                # This process was not running (a vLLM CPU engine starting a big batch has frozen every
+                # process on a 2-core machine for over a second): the broker could not be heard meanwhile.
+                log.warning("worker loop stalled %.2f s", late)
+                last_heard += late
+            if ready:
                 while True:
                     try:
                         frames = await self.sock.recv_multipart(flags=zmq.NOBLOCK)
@@ -220,9 +230,10 @@ class Worker:
             await self._send(eng.result_message(rid, self.id, self.weight_version, states, msg.n, len(ids), want_lp))
         except asyncio.CancelledError:
             raise
-        except (ValueError, TypeError, BadRequest) as e:  # vLLM's way of refusing a request
-            await self._send(p.Error(code=BadRequest.code, rid=rid, message=str(e)))
         except Exception as e:
+            if isinstance(e, BadRequest) or eng.is_client_error(e):
+                await self._send(p.Error(code=BadRequest.code, rid=rid, message=str(e)))
+                return
             log.exception("request %s failed", rid)
             await self._send(p.Error(code=EngineError.code, rid=rid, message=f"{type(e).__name__}: {e}"))
         finally:

@@ -1,0 +1,231 @@
+"""Broker rules, isolated: a real Broker in a thread, fake workers that are plain DEALER sockets driven by
+the test. (That the whole path works with real vLLM workers is tests/test_daemon.py's job.)"""
+import threading
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from rolloutd import protocol as p
+from rolloutd.broker import Broker
+from rolloutd.client import Client
+from rolloutd.errors import Busy, WorkerLost
+
+HB = 0.1
+
+
+@pytest.fixture
+def broker():
+    box, ready = {}, threading.Event()
+
+    def run():
+        b = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", heartbeat_s=HB, liveness=3, max_pending=4,
+                   control_timeout_s=1.0, ctx=zmq.Context.instance())
+        box["b"] = b
+        ready.set()
+        b.run()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert ready.wait(5)
+    yield box["b"]
+    box["b"].stop()
+    t.join(5)
+
+
+def recv(sock, timeout=2.0):
+    assert sock.poll(timeout * 1000), "nothing arrived in time"
+    return p.decode(sock.recv_multipart())
+
+
+def recv_skip_beats(sock, timeout=2.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        m = recv(sock, max(0.01, deadline - time.monotonic()))
+        if m.CMD is not p.Cmd.HEARTBEAT:
+            return m
+
+
+class FakeWorker:
+    def __init__(self, broker, name, capacity=8):
+        self.name = name
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, name.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(broker.back_address)
+        self.send(p.Ready(worker=name, model="m", devices=["cpu"], capacity=capacity, weight_version=0,
+                          transports=[], pid=0, engine={}))
+        assert recv(self.sock).CMD is p.Cmd.HEARTBEAT  # the broker's acknowledgement
+
+    def send(self, msg):
+        self.sock.send_multipart(p.encode(msg))
+
+    def beat(self):
+        self.send(p.Heartbeat())
+
+    def next(self, timeout=2.0):
+        return recv_skip_beats(self.sock, timeout)
+
+    def has_nothing(self, within=0.3):
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if self.sock.poll(20):
+                m = p.decode(self.sock.recv_multipart())
+                if m.CMD is not p.Cmd.HEARTBEAT:
+                    return False
+        return True
+
+    def finish(self, gen: p.Generate, tokens=(1, 2)):
+        samples = [{"index": i, "text": "x", "finish_reason": "stop", "logprobs": False} for i in range(gen.n)]
+        self.send(p.Result(rid=gen.rid, worker=self.name, weight_version=0, samples=samples,
+                           frames=[p.pack_ids(tokens)] * gen.n))
+
+
+def raw_client(broker):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(broker.front_address)
+    return s
+
+
+def gen(rid, n=1):
+    return p.encode(p.Generate(rid=rid, sampling={"n": n}, frames=[p.pack_ids([1, 2, 3])]))
+
+
+def test_least_loaded_placement_keeps_a_prompts_samples_together(broker):
+    a, b = FakeWorker(broker, "a"), FakeWorker(broker, "b")
+    c = raw_client(broker)
+    for i in range(4):
+        c.send_multipart(gen(f"r{i}", n=2))
+    got = {"a": [a.next(), a.next()], "b": [b.next(), b.next()]}
+    for msgs in got.values():
+        assert all(m.CMD is p.Cmd.GENERATE and m.n == 2 for m in msgs)
+    # results come back to the client, frames untouched
+    for name, w in (("a", a), ("b", b)):
+        for m in got[name]:
+            w.finish(m, tokens=(7, 8, 9))
+    results = [recv(c) for _ in range(4)]
+    assert sorted(r.rid for r in results) == ["r0", "r1", "r2", "r3"]
+    assert all(p.unpack_ids(r.frames[1]) == [7, 8, 9] for r in results)
+    assert broker.status()["requests"] == 0
+
+
+def test_full_workers_queue_then_refuse_as_busy(broker):
+    w = FakeWorker(broker, "a", capacity=2)
+    c = raw_client(broker)
+    c.send_multipart(gen("first", n=2))
+    first = w.next()
+    for i in range(4):  # max_pending=4
+        c.send_multipart(gen(f"wait{i}", n=1))
+    c.send_multipart(gen("refused", n=1))
+    err = recv(c)
+    assert err.CMD is p.Cmd.ERROR and err.code == Busy.code and err.rid == "refused"
+    assert w.has_nothing()  # the waiting ones are held by the broker, not pushed onto a full worker
+    w.finish(first)
+    assert recv(c).rid == "first"
+    assert {w.next().rid, w.next().rid} == {"wait0", "wait1"}  # room for 2 sequences again
+
+
+def test_silent_worker_fails_its_requests_with_worker_lost(broker):
+    a, b = FakeWorker(broker, "a"), FakeWorker(broker, "b")
+    c = raw_client(broker)
+    c.send_multipart(gen("ra"))
+    c.send_multipart(gen("rb"))
+    on = {"a": a.next().rid, "b": b.next().rid}
+    t0 = time.monotonic()
+    deadline = t0 + 3
+    err = None
+    while time.monotonic() < deadline and err is None:  # b keeps beating, a has died
+        b.beat()
+        if c.poll(50):
+            err = p.decode(c.recv_multipart())
+    assert err is not None and err.code == WorkerLost.code and err.rid == on["a"]
+    assert time.monotonic() - t0 < 3 * HB * 3 + 1.0
+    assert [w["id"] for w in broker.status()["workers"]] == ["b"]
+    b.finish(p.Generate(rid=on["b"], sampling={}, prompt="x"))
+    assert recv(c).rid == on["b"]
+
+
+def test_abort_reaches_only_the_owner_and_names_unknown_ids(broker):
+    a, b = FakeWorker(broker, "a"), FakeWorker(broker, "b")
+    c = raw_client(broker)
+    c.send_multipart(gen("ra"))
+    c.send_multipart(gen("rb"))
+    owner = {a.next().rid: a, b.next().rid: b}
+    c.send_multipart(p.encode(p.Abort(cid="c1", rids=["ra", "nope"])))
+    w = owner["ra"]
+    other = b if w is a else a
+    m = w.next()
+    assert m.CMD is p.Cmd.ABORT and m.rids == ["ra"]
+    assert other.has_nothing()
+    w.send(p.Reply(cid="c1", data={"aborted": 1, "unknown": []}))
+    r = recv(c)
+    assert r.CMD is p.Cmd.REPLY and r.data["broker"]["unknown"] == ["nope"]
+    assert r.data[w.name]["aborted"] == 1
+
+
+def test_fan_out_aggregates_and_times_out_silent_workers(broker):
+    a, b = FakeWorker(broker, "a"), FakeWorker(broker, "b")
+    c = raw_client(broker)
+    c.send_multipart(p.encode(p.AbortAll(cid="c2")))
+    assert a.next().CMD is p.Cmd.ABORT_ALL and b.next().CMD is p.Cmd.ABORT_ALL
+    a.send(p.Reply(cid="c2", data={"aborted": 3}))
+    t0 = time.monotonic()
+    while not c.poll(50):  # b answers nothing but keeps beating: the reply closes at control_timeout_s
+        a.beat()
+        b.beat()
+        assert time.monotonic() - t0 < 3
+    r = p.decode(c.recv_multipart())
+    assert r.CMD is p.Cmd.REPLY and not r.ok
+    assert r.data["a"] == {"ok": True, "aborted": 3} and r.data["b"]["error"] == "timeout"
+
+
+def test_pending_requests_abort_at_once_with_no_tokens(broker):
+    c = raw_client(broker)
+    c.send_multipart(gen("waiting", n=3))  # no worker yet
+    c.send_multipart(p.encode(p.AbortAll(cid="c3")))
+    res = recv(c)
+    assert res.CMD is p.Cmd.RESULT and res.rid == "waiting"
+    assert [s["finish_reason"] for s in res.samples] == ["abort"] * 3
+    assert recv(c).CMD is p.Cmd.REPLY
+
+
+@pytest.mark.parametrize("frames,match", [
+    ([b"garbage"], "at least 2 frames"),
+    ([b"NOPE\x0a", msgpack.packb({"rid": "r"})], "bad protocol tag"),
+    ([p.TAG + bytes([p.Cmd.GENERATE]), msgpack.packb({"rid": 5, "sampling": {}})], "Generate.rid must be str"),
+    ([p.TAG + bytes([p.Cmd.GENERATE]), b"\x00" * (p.MAX_HEADER_BYTES + 10)], "over the limit"),
+    ([p.TAG + bytes([p.Cmd.GENERATE]), msgpack.packb({"rid": "r", "sampling": {"n": -1}, "prompt": "x"})], "`n` must be"),
+    ([p.TAG + bytes([p.Cmd.READY]), msgpack.packb({"worker": "x"})], "missing field"),
+])
+def test_bad_client_messages_get_an_error_reply_and_the_broker_keeps_serving(broker, frames, match):
+    c = raw_client(broker)
+    c.send_multipart(frames)
+    err = recv(c)
+    assert err.CMD is p.Cmd.ERROR and err.code in ("protocol", "bad_request")
+    assert match in err.message
+    with Client(broker.front_address, timeout=2) as cl:
+        assert cl.ping("broker")["from"] == "broker"
+
+
+def test_bad_worker_messages_get_an_error_and_unknown_workers_are_told_to_register(broker):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(broker.back_address)
+    s.send_multipart([b"\x00\x01\x02"])
+    assert recv(s).code == "protocol"
+    s.send_multipart(p.encode(p.Heartbeat()))
+    assert recv(s).CMD is p.Cmd.DISCONNECT
+    FakeWorker(broker, "ok")
+    with Client(broker.front_address, timeout=2) as cl:
+        assert [x["id"] for x in cl.status()["workers"]] == ["ok"]
+
+
+def test_duplicate_request_ids_are_refused(broker):
+    FakeWorker(broker, "a")
+    c = raw_client(broker)
+    c.send_multipart(gen("same"))
+    c.send_multipart(gen("same"))
+    err = recv(c)
+    assert err.CMD is p.Cmd.ERROR and err.code == "bad_request" and "already in flight" in err.message

@@ -1,0 +1,126 @@
+"""The codec: round trips of every message kind, and a clear error for each way a message can be wrong."""
+import msgpack
+import numpy as np
+import pytest
+
+from rolloutd import protocol as p
+from rolloutd.errors import BadRequest, ProtocolError
+
+
+def roundtrip(msg):
+    return p.decode(p.encode(msg))
+
+
+def test_every_command_has_a_message_class():
+    assert {c.CMD for c in p._BY_CMD.values()} == set(p.Cmd)
+
+
+def test_generate_with_token_ids_roundtrip():
+    ids = np.arange(1000, dtype=np.int64) * 7
+    m = roundtrip(p.Generate(rid="r1", sampling={"n": 4, "temperature": 1, "max_tokens": 8},
+                             frames=[p.pack_ids(ids)]))
+    assert isinstance(m, p.Generate)
+    assert m.rid == "r1" and m.n == 4 and m.prompt is None
+    assert m.sampling["temperature"] == 1.0 and isinstance(m.sampling["temperature"], float)
+    assert p.unpack_ids(m.frames[0]) == ids.tolist()
+
+
+def test_token_ids_travel_as_int32_bytes_not_msgpack_lists():
+    frames = p.encode(p.Generate(rid="r", sampling={}, frames=[p.pack_ids([1, 2, 3])]))
+    assert frames[0] == p.TAG + bytes([p.Cmd.GENERATE])
+    assert frames[2] == np.array([1, 2, 3], dtype="<i4").tobytes()
+
+
+def test_chat_and_text_prompts_roundtrip():
+    chat = [{"role": "user", "content": "hi"}]
+    assert roundtrip(p.Generate(rid="a", sampling={}, prompt=chat)).prompt == chat
+    assert roundtrip(p.Generate(rid="b", sampling={}, prompt="hello")).prompt == "hello"
+
+
+def test_result_roundtrip_with_logprobs_and_empty_sample():
+    samples = [{"index": 0, "text": "ab", "finish_reason": "stop", "logprobs": True},
+               {"index": 1, "text": "", "finish_reason": "abort", "logprobs": False}]
+    frames = [p.pack_ids([5, 6]), p.pack_logprobs([-0.5, -1.25]), p.pack_ids([])]
+    m = roundtrip(p.Result(rid="r", worker="w0", weight_version=3, samples=samples, frames=frames))
+    assert m.weight_version == 3 and m.samples == samples
+    assert p.unpack_ids(m.frames[0]) == [5, 6]
+    assert p.unpack_logprobs(m.frames[1]) == [-0.5, -1.25]
+    assert p.unpack_ids(m.frames[2]) == []
+
+
+def test_control_messages_roundtrip():
+    for msg in [p.Abort(cid="c", rids=["a", "b"]), p.AbortAll(cid="c"), p.Sleep(cid="c", level=2),
+                p.Wake(cid="c", tags=["weights"]), p.Pause(cid="c", mode="keep"), p.Resume(cid="c"),
+                p.Status(cid="c"), p.Ping(cid="c", target="broker"), p.Reply(cid="c", data={"x": [1]}),
+                p.Error(code="busy", message="full", rid="r"), p.Heartbeat(inflight=3), p.Disconnect(reason="x"),
+                p.LoadWeights(cid="c", version=2, source="path", spec={"path": "/x"}),
+                p.Ready(worker="w", model="m", devices=["cpu"], capacity=8, weight_version=0,
+                        transports=["path"], pid=1, engine={"vllm": "0.32.0"})]:
+        assert roundtrip(msg) == msg
+
+
+def test_wrong_tag_is_named():
+    frames = p.encode(p.Status(cid="c"))
+    frames[0] = b"XXXX" + frames[0][4:]
+    with pytest.raises(ProtocolError, match="bad protocol tag"):
+        p.decode(frames)
+
+
+@pytest.mark.parametrize("frames,match", [
+    ([], "at least 2 frames"),
+    ([b"garbage"], "at least 2 frames"),
+    ([b"\x00\x01", b"x"], "bad protocol tag"),
+    ([p.TAG + b"\xff", msgpack.packb({})], "unknown command byte"),
+    ([p.TAG + bytes([p.Cmd.STATUS]), b"\xc1\xc1"], "not valid msgpack"),
+    ([p.TAG + bytes([p.Cmd.STATUS]), msgpack.packb([1, 2])], "must be a map"),
+    ([p.TAG + bytes([p.Cmd.STATUS]), msgpack.packb({})], "missing field `cid`"),
+    ([p.TAG + bytes([p.Cmd.STATUS]), msgpack.packb({"cid": 5})], "Status.cid must be str"),
+    ([p.TAG + bytes([p.Cmd.STATUS]), msgpack.packb({"cid": "c", "zzz": 1})], "unknown field"),
+    ([p.TAG + bytes([p.Cmd.ABORT]), msgpack.packb({"cid": "c", "rids": ["a", 3]})], "Abort.rids must be"),
+    ([p.TAG + bytes([p.Cmd.STATUS]), b"\x00" * (p.MAX_HEADER_BYTES + 1)], "over the limit"),
+    ([p.TAG + bytes([p.Cmd.STATUS])] + [b""] * (p.MAX_FRAMES + 1), "over the limit"),
+    ([p.TAG + bytes([p.Cmd.GENERATE]), msgpack.packb({"rid": "r", "sampling": {}}), b"abc"], "whole number of int32"),
+    ([p.TAG + bytes([p.Cmd.GENERATE]), msgpack.packb({"rid": "r", "sampling": {}})], "exactly one frame"),
+    ([p.TAG + bytes([p.Cmd.GENERATE]), msgpack.packb({"rid": "", "sampling": {}, "prompt": "x"})], "rid must be"),
+])
+def test_malformed_messages_raise_protocol_error(frames, match):
+    with pytest.raises(ProtocolError, match=match):
+        p.decode(frames)
+
+
+@pytest.mark.parametrize("sampling,match", [
+    ({"n": 0}, "`n` must be"),
+    ({"temperature": -1}, "`temperature`"),
+    ({"top_p": 0}, "`top_p`"),
+    ({"max_tokens": "many"}, "`max_tokens`"),
+    ({"ignore_eos": 1}, "`ignore_eos`"),
+    ({"n": True}, "`n`"),
+    ({"bogus": 1}, "unknown sampling option `bogus`"),
+])
+def test_bad_sampling_is_a_bad_request(sampling, match):
+    with pytest.raises(BadRequest, match=match):
+        p.decode(p.encode(p.Generate(rid="r", sampling=sampling, prompt="hi")))
+
+
+def test_sampling_normalises_stop_string_and_drops_none():
+    assert p.check_sampling({"stop": "x", "seed": None, "top_p": 1}) == {"stop": ["x"], "top_p": 1.0}
+
+
+@pytest.mark.parametrize("prompt", ["", [], [{"role": "user"}], [{"role": 1, "content": "x"}]])
+def test_bad_prompts_are_bad_requests(prompt):
+    with pytest.raises(BadRequest):
+        p.decode(p.encode(p.Generate(rid="r", sampling={}, prompt=prompt)))
+
+
+def test_empty_token_prompt_is_a_bad_request():
+    with pytest.raises(BadRequest, match="empty prompt"):
+        p.decode(p.encode(p.Generate(rid="r", sampling={}, frames=[b""])))
+
+
+def test_result_frame_count_must_match_samples():
+    samples = [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": True}]
+    with pytest.raises(ProtocolError, match="need 2 frames"):
+        p.decode(p.encode(p.Result(rid="r", worker="w", weight_version=0, samples=samples, frames=[b""])))
+    # the broker forwards results without reading their frames
+    assert p.decode(p.encode(p.Result(rid="r", worker="w", weight_version=0, samples=samples, frames=[b""])),
+                    check_frames=False).rid == "r"

@@ -199,6 +199,23 @@ def cmd_abort(a) -> int:
     return 0 if reply.get("ok") else 1
 
 
+def cmd_state(a) -> int:
+    """pause / resume / sleep / wake: one aggregated reply, per worker."""
+    from .client import Client
+
+    with Client(a.address) as c:
+        if a.cmd == "pause":
+            reply = c.pause(a.mode, refuse=a.refuse, timeout=a.timeout)
+        elif a.cmd == "resume":
+            reply = c.resume(timeout=a.timeout)
+        elif a.cmd == "sleep":
+            reply = c.sleep(a.level, timeout=a.timeout)
+        else:
+            reply = c.wake_up(a.tags, timeout=a.timeout)
+    print(json.dumps(reply, indent=2))
+    return 0 if reply.get("ok") else 1
+
+
 def cmd_models(a) -> int:
     from .models import prepare
 
@@ -265,6 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="abort everything in flight")
     client_args(p)
     p.set_defaults(func=cmd_abort, timeout=30.0)
+
+    p = sub.add_parser("pause", help="pause every worker (for a weight update, say)")
+    p.add_argument("--mode", choices=["abort", "wait", "keep"], default="abort",
+                   help="abort: abort in flight; wait: let in flight finish; keep: freeze until resume (default abort)")
+    p.add_argument("--refuse", action="store_true", help="refuse new requests while paused (default: they wait)")
+    client_args(p)
+    p.set_defaults(func=cmd_state, timeout=120.0)
+    p = sub.add_parser("resume", help="resume every worker")
+    client_args(p)
+    p.set_defaults(func=cmd_state, timeout=60.0)
+    p = sub.add_parser("sleep", help="vLLM sleep mode on every worker (GPU; start workers with --enable-sleep-mode)")
+    p.add_argument("--level", type=int, choices=[1, 2], default=1, help="1: offload weights; 2: drop them (default 1)")
+    client_args(p)
+    p.set_defaults(func=cmd_state, timeout=120.0)
+    p = sub.add_parser("wake", help="wake every worker from sleep")
+    p.add_argument("--tags", nargs="*", default=[], choices=["weights", "kv_cache"], help="what to bring back (default all)")
+    client_args(p)
+    p.set_defaults(func=cmd_state, timeout=120.0)
 
     p = sub.add_parser("models", help="built-in models")
     msub = p.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")

@@ -234,6 +234,24 @@ class Client(_Base):
         """A round trip to the broker ("broker") or through it to a worker ("worker", or a worker id)."""
         return self._call(p.Ping(cid=self.new_id(), target=target), timeout)
 
+    def pause(self, mode: str = "abort", refuse: bool = False, timeout: float | None = None) -> dict:
+        """Pause every worker. mode "abort": abort in flight (partial outputs returned); "wait": let in
+        flight finish (returns once drained); "keep": freeze in flight and continue them on resume.
+        New requests wait until resume, or with refuse=True fail with Paused."""
+        return self._call(p.Pause(cid=self.new_id(), mode=mode, refuse=refuse), timeout)
+
+    def resume(self, timeout: float | None = None) -> dict:
+        return self._call(p.Resume(cid=self.new_id()), timeout)
+
+    def sleep(self, level: int = 1, timeout: float | None = None) -> dict:
+        """vLLM sleep mode on every worker (level 1 offloads weights, 2 drops them). Workers that cannot
+        (CPU engines, sleep mode off) answer ok=False with error "unsupported"."""
+        return self._call(p.Sleep(cid=self.new_id(), level=level), timeout)
+
+    def wake_up(self, tags: Sequence[str] = (), timeout: float | None = None) -> dict:
+        """Wake every worker; tags ("weights", "kv_cache") pick what comes back first, none means all."""
+        return self._call(p.Wake(cid=self.new_id(), tags=list(tags)), timeout)
+
     def wait_for_workers(self, count: int, timeout: float = 300.0) -> dict:
         """Block until at least `count` workers are registered (engines take a while to start)."""
         deadline = time.monotonic() + timeout
@@ -375,3 +393,15 @@ class AsyncClient(_Base):
 
     async def ping(self, target: str = "worker", timeout: float | None = CONNECT_TIMEOUT_S) -> dict:
         return await self._call(p.Ping(cid=self.new_id(), target=target), timeout)
+
+    async def pause(self, mode: str = "abort", refuse: bool = False, timeout: float | None = None) -> dict:
+        return await self._call(p.Pause(cid=self.new_id(), mode=mode, refuse=refuse), timeout)
+
+    async def resume(self, timeout: float | None = None) -> dict:
+        return await self._call(p.Resume(cid=self.new_id()), timeout)
+
+    async def sleep(self, level: int = 1, timeout: float | None = None) -> dict:
+        return await self._call(p.Sleep(cid=self.new_id(), level=level), timeout)
+
+    async def wake_up(self, tags: Sequence[str] = (), timeout: float | None = None) -> dict:
+        return await self._call(p.Wake(cid=self.new_id(), tags=list(tags)), timeout)

@@ -65,6 +65,12 @@ class EngineError(RolloutdError):
     code = "engine"
 
 
+class Paused(RolloutdError):
+    """The worker is paused (and refuses new requests) or asleep; resume or wake it first."""
+
+    code = "paused"
+
+
 class ShuttingDown(RolloutdError):
     """The daemon is stopping and takes no new work."""
 
@@ -79,7 +85,7 @@ class InternalError(RolloutdError):
 
 _BY_CODE = {cls.code: cls for cls in (
     ProtocolError, BadRequest, Busy, WorkerLost, RequestTimeout, BrokerUnreachable, Unsupported,
-    EngineError, ShuttingDown, InternalError)}
+    EngineError, Paused, ShuttingDown, InternalError)}
 
 
 def from_code(code: str, message: str, request_id: str | None = None) -> RolloutdError:

@@ -3,7 +3,7 @@ equality) and benchmarks (throughput, abort latency) compare the daemon against.
 
     python -m rolloutd.inprocess --model tiny --prompts prompts.json --sampling '{"max_tokens": 32}'
 
-prints one JSON line: {"token_ids": [[...] per prompt], "seconds": wall time of the generation}.
+prints one JSON line: {"token_ids": [[[...] per sample] per prompt], "seconds": wall time of the generation}.
 --sequential runs one prompt at a time (a batch of one on both sides makes greedy decoding bit-exact).
 """
 from __future__ import annotations
@@ -18,15 +18,15 @@ from . import engine as eng
 
 
 async def generate(engine, prompts: list[list[int]], sampling: dict, sequential: bool = False,
-                   prefix: str = "ref") -> list[list[int]]:
-    """Token ids of sample 0 for each prompt."""
+                   prefix: str = "ref") -> list[list[list[int]]]:
+    """Token ids of every sample (in index order) for each prompt."""
     params = eng.sampling_params(sampling, stream=False)
 
-    async def one(i: int, ids: list[int]) -> list[int]:
+    async def one(i: int, ids: list[int]) -> list[list[int]]:
         st: dict = {}
         async for out in engine.generate(eng.tokens_prompt(ids), params, f"{prefix}-{i}"):
             eng.accumulate(st, out, False)
-        return st[0].ids
+        return [st[k].ids for k in sorted(st)]
 
     if sequential:
         return [await one(i, ids) for i, ids in enumerate(prompts)]
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sampling", default="{}", help="JSON sampling options")
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--sequential", action="store_true", help="one prompt at a time")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     a = ap.parse_args(argv)
     from .models import resolve
 
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     sampling = json.loads(a.sampling)
 
     async def run():
-        engine = eng.build_engine(eng.EngineOptions(model=resolve(a.model), max_model_len=a.max_model_len))
+        engine = eng.build_engine(eng.EngineOptions(model=resolve(a.model), max_model_len=a.max_model_len,
+                                                    enforce_eager=a.enforce_eager,
+                                                    gpu_memory_utilization=a.gpu_memory_utilization))
         try:
             t0 = time.perf_counter()
             ids = await generate(engine, prompts, sampling, a.sequential)

@@ -253,10 +253,12 @@ class Wake(Message):
 
 @dataclass
 class Pause(Message):
-    """mode "abort": abort in flight; "wait": let in flight finish; "keep": freeze in flight until resume."""
+    """mode "abort": abort in flight; "wait": let in flight finish; "keep": freeze in flight until resume.
+    New requests while paused wait for resume (within their timeout), or with `refuse` get a Paused error."""
     CMD = Cmd.PAUSE
     cid: str
     mode: str = "abort"
+    refuse: bool = False
 
 
 @dataclass

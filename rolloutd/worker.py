@@ -1,9 +1,14 @@
 """A worker: one DEALER to the broker in front of one vLLM AsyncLLM (one GPU, or one tensor-parallel group).
 
-Everything runs on one asyncio loop: the receive loop (which also sends heartbeats, so a long batch never
-looks like a dead worker: generation runs in its own tasks and in vLLM's engine process), one task per
-request, and vLLM's own output handler. A broker silent for LIVENESS intervals is presumed gone: the worker
-aborts what it holds (nobody waits for it any more) and reconnects with back-off, READY again.
+Everything runs on one asyncio loop, next to vLLM's own output handler:
+  - a reader callback on the socket's file descriptor takes each message as it arrives and handles it
+    synchronously (pings, heartbeats) or starts a task (a request, an abort, an engine-state change);
+    sends are plain non-blocking sends. This skips pyzmq's per-message futures, which cost more than
+    the whole broker hop on the round trip.
+  - a heartbeat task, apart from generation, so that a long batch never looks like a dead worker.
+  - one task per request.
+A broker silent for long is presumed gone: the worker aborts what it holds (nobody waits for it any more)
+and reconnects with back-off, READY again.
 """
 from __future__ import annotations
 
@@ -15,12 +20,11 @@ import socket
 import time
 
 import zmq
-import zmq.asyncio
 
 from . import config
 from . import engine as eng
 from . import protocol as p
-from .errors import BadRequest, EngineError, RolloutdError, ShuttingDown, Unsupported
+from .errors import BadRequest, EngineError, Paused, RolloutdError, ShuttingDown, Unsupported
 
 log = logging.getLogger("rolloutd.worker")
 
@@ -29,11 +33,13 @@ log = logging.getLogger("rolloutd.worker")
 _REABORT_EVERY_S = 0.05
 _REABORT_TRIES = 20
 
+PAUSE_MODES = ("abort", "wait", "keep")
+
 
 class Worker:
     def __init__(self, engine, broker: str = config.BACK, *, worker_id: str | None = None, model: str = "",
                  capacity: int | None = None, weight_version: int = 0, heartbeat_s: float = config.HEARTBEAT_S,
-                 liveness: int = config.LIVENESS, drain_s: float = 30.0, ctx: zmq.asyncio.Context | None = None):
+                 liveness: int = config.LIVENESS, drain_s: float = 30.0, ctx: zmq.Context | None = None):
         self.engine = engine
         self.broker = broker
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -43,13 +49,21 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
         self.drain_s = drain_s
-        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.ctx = ctx or zmq.Context.instance()
         self.tasks: dict[str, asyncio.Task] = {}  # rid -> the task serving it
         self.devices: list[str] = ["cpu"]
         self.tokenizer = None
-        self.sock: zmq.asyncio.Socket | None = None
+        self.sock: zmq.Socket | None = None
+        self.paused: str | None = None  # the pause mode while paused
+        self.refuse_while_paused = False
+        self.sleeping = 0  # sleep level while asleep
         self._stopping = 0  # 0 running, 1 draining (first signal), 2 stop now (second signal)
         self._drain_deadline: float | None = None
+        self._last_heard = 0.0
+        self._heard = False
+        self._session_over: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bg: set[asyncio.Task] = set()  # control tasks, kept referenced until done
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
@@ -64,22 +78,24 @@ class Worker:
     def request_stop(self) -> None:
         """First call: finish in-flight work (up to drain_s), take nothing new. Second call: stop now."""
         self._stopping += 1
+        if self._session_over is not None:
+            self._session_over.set()  # the heartbeat task takes the drain from here
 
     async def run(self) -> None:
         await self.prepare()
+        self._loop = asyncio.get_running_loop()
         backoff = self.heartbeat_s
         while not self._stopping:
-            self._connect()
-            heard = await self._session()
-            self._close_socket()
+            await self._session()
             if self._stopping:
                 break
             await self._abort(list(self.tasks))  # the broker forgot these requests: nobody waits for them
-            backoff = self.heartbeat_s if heard else min(backoff * 2, 30.0)
+            backoff = self.heartbeat_s if self._heard else min(backoff * 2, 30.0)
             log.warning("broker at %s silent; reconnecting in %.1f s", self.broker, backoff)
             await asyncio.sleep(backoff)
 
-    def _connect(self) -> None:
+    async def _session(self) -> None:
+        """One registration with the broker: until it goes silent, asks us to re-register, or we stop."""
         s = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.IDENTITY, self.id.encode())
         s.setsockopt(zmq.LINGER, 0)
@@ -87,66 +103,54 @@ class Worker:
         s.setsockopt(zmq.RCVHWM, config.HWM)
         s.connect(self.broker)
         self.sock = s
-
-    def _close_socket(self) -> None:
-        if self.sock is not None:
-            self.sock.close(0)
-            self.sock = None
-
-    async def _session(self) -> bool:
-        """One registration with the broker, until it goes silent or we stop. Returns whether it was heard."""
-        await self._send(self._ready())
-        heard = False
-        last_heard = time.monotonic()
-        next_beat = 0.0
-        while True:
-            now = time.monotonic()
-            if self._stopping and await self._drained(now):
-                await self._send(p.Disconnect(reason="worker stopping"))
+        self._session_over = asyncio.Event()
+        self._last_heard, self._heard = time.monotonic(), False
+        fd = s.getsockopt(zmq.FD)
+        self._loop.add_reader(fd, self._on_readable)
+        beat = asyncio.create_task(self._beat())
+        try:
+            self._send(self._ready())
+            await self._session_over.wait()
+            if self._stopping:
+                await self._drain()
+                self._send(p.Disconnect(reason="worker stopping"))
                 await asyncio.sleep(0.05)  # let the DEALER flush before the socket closes
-                return heard
-            if now >= next_beat:
-                next_beat = now + self.heartbeat_s
-                await self._send(p.Heartbeat(inflight=len(self.tasks)))
+        finally:
+            beat.cancel()
+            self._loop.remove_reader(fd)
+            self.sock = None
+            s.close(0)
+
+    async def _beat(self) -> None:
+        """Heartbeats out, and the broker's liveness in: apart from generation, every interval."""
+        while True:  # until cancelled with the session: a draining worker still beats
+            self._send(p.Heartbeat(inflight=len(self.tasks)))
+            t = time.monotonic()
+            await asyncio.sleep(self.heartbeat_s)
+            late = time.monotonic() - t - self.heartbeat_s
+            if late > self.heartbeat_s / 2:
+                # This process was not running (two vLLM CPU engines decoding on a 2-core machine have frozen
+                # every other process for seconds): the broker could not be heard meanwhile.
+                log.warning("worker loop stalled %.2f s", late)
+                self._last_heard += late
+            self._on_readable()  # an edge-triggered FD can miss a wake-up; never let a message sit
             # Twice the broker's patience: the broker expiring a worker is what frees clients; a worker
             # giving up on its broker throws away all it holds, so it waits longer before it does.
-            if now - last_heard > 2 * self.heartbeat_s * self.liveness:
-                return heard
-            wait_s = max(0.0, next_beat - time.monotonic())
-            if self._stopping:
-                wait_s = min(wait_s, 0.05)
-            t_poll = time.monotonic()
-            ready = await self.sock.poll(timeout=wait_s * 1000, flags=zmq.POLLIN)
-            late = time.monotonic() - t_poll - wait_s
-            if late > self.heartbeat_s / 2:
-                # This process was not running (a vLLM CPU engine starting a big batch has frozen every
-                # process on a 2-core machine for over a second): the broker could not be heard meanwhile.
-                log.warning("worker loop stalled %.2f s", late)
-                last_heard += late
-            if ready:
-                while True:
-                    try:
-                        frames = await self.sock.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    last_heard, heard = time.monotonic(), True
-                    if not await self._on_message(frames):
-                        return heard
+            if time.monotonic() - self._last_heard > 2 * self.heartbeat_s * self.liveness:
+                self._session_over.set()
 
-    async def _drained(self, now: float) -> bool:
-        """Graceful stop, checked while the session keeps serving (aborts and heartbeats still flow):
-        in-flight requests may finish until drain_s has passed, then the rest are aborted and their partial
-        outputs go out as results. A second signal skips the wait."""
-        if self._drain_deadline is None:
-            self._drain_deadline = now + self.drain_s
-            if self.tasks:
-                log.info("stopping: waiting up to %.0f s for %d request(s)", self.drain_s, len(self.tasks))
-        if self.tasks and self._stopping < 2 and now < self._drain_deadline:
-            return False
+    async def _drain(self) -> None:
+        """Graceful stop, while the socket still serves (aborts and heartbeats flow): in-flight requests may
+        finish until drain_s has passed, then the rest are aborted and their partial outputs go out as
+        results. A second signal skips the wait."""
+        if self.tasks:
+            log.info("stopping: waiting up to %.0f s for %d request(s)", self.drain_s, len(self.tasks))
+        deadline = time.monotonic() + self.drain_s
+        while self.tasks and self._stopping < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         if self.tasks:
             await self._abort(list(self.tasks))
             await asyncio.wait(list(self.tasks.values()), timeout=5.0)
-        return True
 
     def _ready(self) -> p.Ready:
         return p.Ready(worker=self.id, model=self.model, devices=self.devices, capacity=self.capacity,
@@ -154,63 +158,145 @@ class Worker:
                        engine={"vllm": eng.vllm_version(),
                                "tensor_parallel_size": self.engine.vllm_config.parallel_config.tensor_parallel_size})
 
-    async def _send(self, msg: p.Message) -> None:
-        if self.sock is not None:
-            await self.sock.send_multipart(p.encode(msg), copy=False)
+    def _send(self, msg: p.Message) -> None:
+        s = self.sock
+        if s is None:
+            return
+        try:
+            s.send_multipart(p.encode(msg), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            # Only when the broker has stopped reading for HWM messages: it is gone or wedged, and it fails
+            # these requests itself when it expires us.
+            log.warning("send queue to the broker is full; dropped %s", type(msg).__name__)
+        if s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            # A send can consume the FD's edge for messages that arrived meanwhile: read them soon.
+            self._loop.call_soon(self._on_readable)
 
     # ----------------------------------------------------------------------------------------- messages
 
-    async def _on_message(self, frames: list) -> bool:
-        """Handle one message from the broker; False ends the session (the broker asked us to re-register)."""
+    def _on_readable(self) -> None:
+        s = self.sock
+        while s is not None:
+            try:
+                frames = s.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_heard, self._heard = time.monotonic(), True
+            self._on_message(frames)
+
+    def _on_message(self, frames: list) -> None:
         try:
             msg = p.decode(frames)
         except RolloutdError as e:
             log.warning("bad message from the broker: %s", e)
-            return True
+            return
         cmd = msg.CMD
         if cmd is p.Cmd.GENERATE:
-            if self._stopping:
-                await self._send(p.Error(code=ShuttingDown.code, rid=msg.rid, message=f"worker {self.id} is stopping"))
+            refusal = self._refusal()
+            if refusal is not None:
+                self._send(p.Error(code=refusal.code, rid=msg.rid, message=str(refusal)))
             elif msg.rid in self.tasks:
-                await self._send(p.Error(code=BadRequest.code, rid=msg.rid, message="duplicate request id"))
+                self._send(p.Error(code=BadRequest.code, rid=msg.rid, message="duplicate request id"))
             else:
                 self.tasks[msg.rid] = asyncio.create_task(self._generate(msg))
-        elif cmd is p.Cmd.ABORT:
-            known = [r for r in msg.rids if r in self.tasks]
-            await self._abort(known)
-            unknown = [r for r in msg.rids if r not in known]
-            await self._send(p.Reply(cid=msg.cid, data={"aborted": len(known), "unknown": unknown}))
-        elif cmd is p.Cmd.ABORT_ALL:
-            rids = list(self.tasks)
-            await self._abort(rids)
-            await self._send(p.Reply(cid=msg.cid, data={"aborted": len(rids)}))
         elif cmd is p.Cmd.PING:
-            await self._send(p.Reply(cid=msg.cid, data={"from": self.id}))
+            self._send(p.Reply(cid=msg.cid, data={"from": self.id}))
         elif cmd is p.Cmd.HEARTBEAT:
             pass
         elif cmd is p.Cmd.DISCONNECT:
             log.warning("broker says: %s", msg.reason)
-            return False
-        elif cmd in (p.Cmd.SLEEP, p.Cmd.WAKE, p.Cmd.PAUSE, p.Cmd.RESUME, p.Cmd.LOAD_WEIGHTS):
-            asyncio.create_task(self._control(msg))
+            self._session_over.set()
+        elif cmd in (p.Cmd.ABORT, p.Cmd.ABORT_ALL, p.Cmd.SLEEP, p.Cmd.WAKE, p.Cmd.PAUSE, p.Cmd.RESUME,
+                     p.Cmd.LOAD_WEIGHTS):
+            t = asyncio.create_task(self._control(msg))
+            self._bg.add(t)
+            t.add_done_callback(self._bg.discard)
         else:
-            await self._send(p.Error(code="protocol", cid=getattr(msg, "cid", None),
-                                     message=f"workers do not take {type(msg).__name__}"))
-        return True
+            self._send(p.Error(code="protocol", cid=getattr(msg, "cid", None),
+                               message=f"workers do not take {type(msg).__name__}"))
+
+    def _refusal(self) -> RolloutdError | None:
+        if self._stopping:
+            return ShuttingDown(f"worker {self.id} is stopping")
+        if self.sleeping:
+            return Paused(f"worker {self.id} is asleep (level {self.sleeping}); wake it first")
+        if self.paused and self.refuse_while_paused:
+            return Paused(f"worker {self.id} is paused and refuses new requests until resume")
+        return None  # while paused without refusing, vLLM holds new requests until resume
 
     async def _control(self, msg) -> None:
-        """Engine-state commands run as tasks: they may take seconds and must not stall heartbeats."""
+        """Commands that may take a while run as tasks: heartbeats and other messages go on meanwhile."""
         try:
-            data = await self._engine_state(msg)
-            await self._send(p.Reply(cid=msg.cid, ok=True, data=data))
+            data = await self._handle_control(msg)
+            self._send(p.Reply(cid=msg.cid, ok=True, data=data))
         except RolloutdError as e:
-            await self._send(p.Error(code=e.code, cid=msg.cid, message=str(e)))
-        except Exception as e:  # vLLM raised: report it as this worker's answer, keep serving
+            self._send(p.Error(code=e.code, cid=msg.cid, message=str(e)))
+        except Exception as e:  # vLLM raised: this worker's answer says so, and it keeps serving
             log.exception("%s failed", type(msg).__name__)
-            await self._send(p.Error(code=EngineError.code, cid=msg.cid, message=f"{type(e).__name__}: {e}"))
+            self._send(p.Error(code=EngineError.code, cid=msg.cid, message=f"{type(e).__name__}: {e}"))
 
-    async def _engine_state(self, msg) -> dict:
+    async def _handle_control(self, msg) -> dict:
+        cmd = msg.CMD
+        if cmd is p.Cmd.ABORT:
+            known = [r for r in msg.rids if r in self.tasks]
+            unknown = [r for r in msg.rids if r not in self.tasks]  # finished meanwhile
+            await self._abort(known)
+            return {"aborted": len(known), "unknown": unknown}
+        if cmd is p.Cmd.ABORT_ALL:
+            rids = list(self.tasks)
+            await self._abort(rids)
+            return {"aborted": len(rids)}
+        if cmd is p.Cmd.PAUSE:
+            return await self._pause(msg.mode, msg.refuse)
+        if cmd is p.Cmd.RESUME:
+            if self.paused and self.paused != "-":  # "-": paused by hand on a vLLM without pause_generation
+                await self.engine.resume_generation()
+            self.paused, self.refuse_while_paused = None, False
+            return {"paused": False}
+        if cmd is p.Cmd.SLEEP:
+            return await self._sleep(msg.level)
+        if cmd is p.Cmd.WAKE:
+            if not self.sleeping:
+                return {"sleeping": 0}
+            await self.engine.wake_up(msg.tags or None)
+            if not msg.tags or set(msg.tags) >= {"weights", "kv_cache"}:
+                self.sleeping = 0
+            return {"sleeping": self.sleeping, "tags": msg.tags or ["weights", "kv_cache"]}
         raise Unsupported(f"{type(msg).__name__} is not implemented by this worker yet")
+
+    async def _pause(self, mode: str, refuse: bool) -> dict:
+        if mode not in PAUSE_MODES:
+            raise BadRequest(f"pause mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
+        inflight = len(self.tasks)
+        if hasattr(self.engine, "pause_generation"):
+            # vLLM does the mode's work in its scheduler: abort, drain, or freeze what it holds; requests
+            # that arrive while paused wait in it until resume.
+            self.paused, self.refuse_while_paused = mode, refuse
+            await self.engine.pause_generation(mode=mode, clear_cache=mode != "keep")
+        elif mode == "keep":
+            raise Unsupported(f"vLLM {eng.vllm_version()} cannot freeze requests (pause mode keep)")
+        else:
+            # Older vLLM: do abort / wait ourselves; new requests are refused while paused.
+            self.paused, self.refuse_while_paused = "-", True
+            if mode == "abort":
+                await self._abort(list(self.tasks))
+            while self.tasks:
+                await asyncio.sleep(0.01)
+        return {"paused": True, "mode": mode, "inflight_at_pause": inflight, "inflight": len(self.tasks)}
+
+    async def _sleep(self, level: int) -> dict:
+        if level not in (1, 2):
+            raise BadRequest(f"sleep level is 1 or 2, got {level}")
+        cfg = self.engine.vllm_config.model_config
+        if not getattr(cfg, "enable_sleep_mode", False):
+            raise Unsupported("sleep mode is off: start the worker with --enable-sleep-mode (GPU only)")
+        if eng.on_cpu():
+            raise Unsupported("vLLM cannot sleep on CPU")
+        aborted = len(self.tasks)
+        await self._abort(list(self.tasks))
+        await self.engine.sleep(level)
+        self.sleeping = level
+        return {"sleeping": level, "aborted": aborted}
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -225,17 +311,17 @@ class Worker:
             async for out in self.engine.generate(eng.tokens_prompt(ids), params, rid):
                 step = eng.accumulate(states, out, want_lp)
                 if msg.stream and step:
-                    await self._send(p.Tokens(rid=rid, deltas=[[i, t] for i, _, t in step],
-                                              frames=[p.pack_ids(new) for _, new, _ in step]))
-            await self._send(eng.result_message(rid, self.id, self.weight_version, states, msg.n, len(ids), want_lp))
+                    self._send(p.Tokens(rid=rid, deltas=[[i, t] for i, _, t in step],
+                                        frames=[p.pack_ids(new) for _, new, _ in step]))
+            self._send(eng.result_message(rid, self.id, self.weight_version, states, msg.n, len(ids), want_lp))
         except asyncio.CancelledError:
             raise
         except Exception as e:
             if isinstance(e, BadRequest) or eng.is_client_error(e):
-                await self._send(p.Error(code=BadRequest.code, rid=rid, message=str(e)))
+                self._send(p.Error(code=BadRequest.code, rid=rid, message=str(e)))
                 return
             log.exception("request %s failed", rid)
-            await self._send(p.Error(code=EngineError.code, rid=rid, message=f"{type(e).__name__}: {e}"))
+            self._send(p.Error(code=EngineError.code, rid=rid, message=f"{type(e).__name__}: {e}"))
         finally:
             self.tasks.pop(rid, None)
 
@@ -253,7 +339,9 @@ class Worker:
         if not rids:
             return
         await self.engine.abort(rids)
-        asyncio.create_task(self._reabort(rids))
+        t = asyncio.create_task(self._reabort(rids))
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
 
     async def _reabort(self, rids: list[str]) -> None:
         for _ in range(_REABORT_TRIES):

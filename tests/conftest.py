@@ -11,7 +11,7 @@ import pytest
 from rolloutd.client import Client
 from rolloutd.models import prepare
 
-HEARTBEAT_S = 0.5
+HEARTBEAT_S = 1.0
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from rolloutd import AsyncClient
+from rolloutd import AsyncClient, Client, Paused
 
 from .conftest import group_alive, wait_until
 from .test_daemon import prompts
@@ -39,16 +39,99 @@ def test_abort_one_of_eight_leaves_the_others_running(daemon1):
     async def main():
         async with AsyncClient(daemon1.front, timeout=120) as c:
             rids = [f"one-of-eight-{i}" for i in range(8)]
-            task = asyncio.create_task(c.generate(prompts(8), max_tokens=300, ignore_eos=True, request_ids=rids))
+            task = asyncio.create_task(c.generate(prompts(8), max_tokens=2000, ignore_eos=True, request_ids=rids))
             await asyncio.sleep(0.3)
             reply = await c.abort([rids[3], "no-such-request"], timeout=5)
             return reply, await asyncio.wait_for(task, 60)
     reply, results = asyncio.run(main())
     assert reply["broker"]["unknown"] == ["no-such-request"]
-    assert results[3].finish_reason == "abort" and 0 < len(results[3].token_ids) < 300
+    assert results[3].finish_reason == "abort" and 0 < len(results[3].token_ids) < 2000
     for i, r in enumerate(results):
         if i != 3:
-            assert r.finish_reason == "length" and len(r.token_ids) == 300
+            assert r.finish_reason == "length" and len(r.token_ids) == 2000
+
+
+def test_pause_abort_returns_partials_and_new_requests_wait_for_resume(daemon1):
+    async def main():
+        async with AsyncClient(daemon1.front, timeout=120) as c:
+            long = asyncio.create_task(c.generate(prompts(4), max_tokens=4000, ignore_eos=True))
+            await asyncio.sleep(0.5)
+            reply = await c.pause("abort", timeout=30)
+            aborted = await asyncio.wait_for(long, 10)
+            later = asyncio.create_task(c.generate(prompts(2), max_tokens=8, ignore_eos=True))
+            await asyncio.sleep(1.0)
+            waited = not later.done()
+            await c.resume(timeout=30)
+            return reply, aborted, waited, await asyncio.wait_for(later, 30)
+    reply, aborted, waited, later = asyncio.run(main())
+    assert reply["ok"], reply
+    got = [(r.finish_reason, len(r.token_ids)) for r in aborted]
+    assert all(reason == "abort" and 0 < n < 4000 for reason, n in got), got
+    assert waited, "a request sent while paused ran before resume"
+    assert [len(r.token_ids) for r in later] == [8, 8]
+
+
+def test_pause_wait_lets_in_flight_finish(daemon1):
+    async def main():
+        async with AsyncClient(daemon1.front, timeout=120) as c:
+            task = asyncio.create_task(c.generate(prompts(4), max_tokens=300, ignore_eos=True))
+            await asyncio.sleep(0.3)
+            reply = await c.pause("wait", timeout=60)
+            done_at_reply = task.done()
+            await c.resume(timeout=30)
+            return reply, done_at_reply, await asyncio.wait_for(task, 60)
+    reply, done_at_reply, results = asyncio.run(main())
+    assert reply["ok"], reply
+    assert all(r.finish_reason == "length" and len(r.token_ids) == 300 for r in results)
+    assert done_at_reply or all(r.finish_reason == "length" for r in results)
+
+
+def test_pause_keep_freezes_and_resume_continues_without_loss(daemon1):
+    async def main():
+        async with AsyncClient(daemon1.front, timeout=120) as c:
+            others = asyncio.create_task(c.generate(prompts(3), max_tokens=1500, ignore_eos=True))
+            seen, during, paused = [], [], asyncio.Event()
+            async def watch():
+                async for ev in c.stream(prompts(1)[0], max_tokens=1500, ignore_eos=True):
+                    (during if paused.is_set() else seen).append(ev)
+            streaming = asyncio.create_task(watch())
+            await asyncio.sleep(0.5)
+            reply = await c.pause("keep", timeout=30)
+            await asyncio.sleep(0.2)  # deltas already on the wire
+            paused.set()
+            await asyncio.sleep(1.0)
+            frozen = len(during)
+            await c.resume(timeout=30)
+            await asyncio.wait_for(streaming, 120)
+            return reply, frozen, seen + during, await asyncio.wait_for(others, 120)
+    reply, frozen_deltas, events, others = asyncio.run(main())
+    assert reply["ok"], reply
+    assert frozen_deltas == 0, f"{frozen_deltas} deltas arrived while paused"
+    *deltas, final = events
+    assert final.finish_reason == "length" and len(final.token_ids) == 1500
+    assert [t for d in deltas for t in d.token_ids] == final.token_ids  # nothing lost or repeated
+    assert all(r.finish_reason == "length" and len(r.token_ids) == 1500 for r in others)
+
+
+def test_pause_with_refuse_fails_new_requests_fast(daemon1):
+    with Client(daemon1.front, timeout=60) as c:
+        assert c.pause("abort", refuse=True)["ok"]
+        try:
+            with pytest.raises(Paused):
+                c.generate(prompts(1), max_tokens=4)
+        finally:
+            assert c.resume()["ok"]
+        assert len(c.generate(prompts(1), max_tokens=4)[0].token_ids) >= 1
+
+
+def test_sleep_on_a_cpu_engine_says_unsupported_and_serving_goes_on(daemon1):
+    with Client(daemon1.front, timeout=60) as c:
+        reply = c.sleep(1)
+        assert not reply["ok"]
+        (worker,) = [v for k, v in reply.items() if isinstance(v, dict)]
+        assert worker["error"] == "unsupported"
+        assert c.wake_up()["ok"]  # waking an engine that is not asleep is a no-op
+        assert len(c.generate(prompts(1), max_tokens=4)[0].token_ids) >= 1
 
 
 def test_sigterm_ends_inflight_work_with_outputs_and_leaves_no_process(daemon1):

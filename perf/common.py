@@ -1,0 +1,103 @@
+"""What the benchmarks share: a daemon in a subprocess, machine facts, and writing results (JSON + plot)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "perf", "results")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine() -> dict:
+    info = {"host": socket.gethostname(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "platform": platform.platform()}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    try:
+        import vllm
+        info["vllm"] = vllm.__version__
+    except ImportError:
+        pass
+    return info
+
+
+class Daemon:
+    """`rolloutd up` in its own process group, stopped with SIGTERM on exit."""
+
+    def __init__(self, model: str, workers: int = 1, extra: tuple = (), log_path: str | None = None):
+        self.front = f"tcp://127.0.0.1:{free_port()}"
+        self.back = f"tcp://127.0.0.1:{free_port()}"
+        self.log = open(log_path or os.devnull, "w")
+        cmd = [sys.executable, "-m", "rolloutd.cli", "--log-level", "WARNING", "up", "--model", model,
+               "--workers", str(workers), "--front", self.front, "--back", self.back, *extra]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        from rolloutd import Client
+        with Client(self.front) as c:
+            c.wait_for_workers(workers, timeout=600)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def percentiles(xs: list[float]) -> dict:
+    s = sorted(xs)
+    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]
+    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "min": s[0], "max": s[-1], "n": len(s)}
+
+
+def tagged(name: str) -> str:
+    """Result names carry BENCH_TAG (e.g. "h100") when set, so runs on other machines sit side by side."""
+    tag = os.environ.get("BENCH_TAG")
+    return f"{name}-{tag}" if tag else name
+
+
+def save(name: str, result: dict, command: str) -> dict:
+    name = tagged(name)
+    result = {"benchmark": name, "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "machine": machine(), **result}
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: v for k, v in result.items() if k != "cdf_us"}, indent=2))
+    result["_path"] = path
+    return result
+
+
+def maybe_plot(plot, result: dict) -> None:
+    """Draw the result's PNG beside its JSON; where matplotlib is missing (the GPU machine), say how to
+    draw it later from the JSON: python perf/replot.py perf/results/NAME.json"""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib missing: no plot; run perf/replot.py on the JSON")
+        return
+    matplotlib.use("Agg")
+    plot(result, result.pop("_path")[:-5] + ".png")
+
+

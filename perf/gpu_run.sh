@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU work of a session, in one call on the lent H100 (device tool), from the repo root, once
+# /tmp/ship holds vllm.part.* and wheels.tar (see ../shared/gpu/prepare.sh). Carries: .gpu/wheels.tar,
+# .gpu/setup.sh, .gpu/extra (msgpack, tqdm, pytest wheels the image lacks), .gpu/models (the tiny model).
+# Runs the tests marked gpu, then the benchmarks; logs and JSON results go to $OUT.
+set -uo pipefail
+cp .gpu/wheels.tar /tmp/ship/ 2>/dev/null
+source .gpu/setup.sh || exit 1
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/extra/*.whl 2>&1 | grep -v WARNING
+export ROLLOUTD_CACHE=$PWD/.gpu PYTHONPATH=$PWD:$PYTHONPATH BENCH_TAG=h100 PYTHONUNBUFFERED=1
+nvidia-smi -L
+python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
+cd perf
+for b in ${GPU_BENCH:-roundtrip abort}; do
+  case $b in
+    roundtrip) python3 bench_roundtrip.py --n 5000 ;;
+    abort) python3 bench_abort.py --repeat 10 ;;
+    throughput) python3 bench_throughput.py --prompts 256 --n 4 --max-tokens 512 --repeat 3 ;;
+  esac 2>&1 | grep -v "^(EngineCore\|^(Worker\|^INFO" | tail -60 | tee "$OUT/bench-$b.log"
+done
+cp results/*-h100.json "$OUT/" 2>/dev/null
+ls -la "$OUT"

@@ -21,6 +21,7 @@ import zmq
 from . import config
 from . import protocol as p
 from .errors import Busy, ProtocolError, RolloutdError, ShuttingDown, WorkerLost
+from .zmqwait import readable
 
 log = logging.getLogger("rolloutd.broker")
 
@@ -106,14 +107,12 @@ class Broker:
 
     def run(self) -> None:
         log.info("broker: clients on %s, workers on %s", self.front_address, self.back_address)
-        poller = zmq.Poller()
-        poller.register(self.front, zmq.POLLIN)
-        poller.register(self.back, zmq.POLLIN)
+        socks = [self.front, self.back]
         try:
             while not self._stop:
-                timeout_ms = max(0.0, self._next_beat - time.monotonic()) * 1000
-                for sock, _ in poller.poll(timeout_ms):
-                    # Drain what is queued, bounded so one busy side cannot starve the other.
+                for sock in readable(socks, self._next_beat - time.monotonic()):
+                    # Take what is queued, bounded so one busy side cannot starve the other; what is left
+                    # shows in ZMQ_EVENTS on the next round.
                     for _ in range(256):
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK)

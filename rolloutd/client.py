@@ -25,12 +25,12 @@ from typing import AsyncIterator, Iterator, Sequence
 
 import numpy as np
 import zmq
-import zmq.asyncio
 
 from . import config
 from . import protocol as p
 from .errors import BadRequest, BrokerUnreachable, RequestTimeout, RolloutdError, from_code
 from .results import Delta, Result, deltas_from_message, from_message
+from .zmqwait import readable
 
 DEFAULT_TIMEOUT_S = 600.0
 CONNECT_TIMEOUT_S = 5.0
@@ -130,8 +130,7 @@ class Client(_Base):
     def _recv(self, deadline: float) -> p.Message | None:
         """The next message, or None at the deadline. Malformed messages are skipped, never fatal."""
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(left * 1000, zmq.POLLIN):
+            if not readable([self.sock], deadline - time.monotonic()):
                 return None
             try:
                 return p.decode(self.sock.recv_multipart())
@@ -268,17 +267,27 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """asyncio client: any number of calls may run at once on one connection."""
+    """asyncio client: any number of calls may run at once on one connection.
+
+    The socket is read from a callback on its file descriptor and every message is routed to the future
+    (or stream queue) of its id, with no per-message futures of pyzmq's own: aborting 512 requests
+    returns 512 results at once, and that path must stay cheap.
+    """
 
     def __init__(self, address: str = config.FRONT, *, timeout: float = DEFAULT_TIMEOUT_S,
                  connect_timeout: float = CONNECT_TIMEOUT_S):
-        super().__init__(address, timeout, connect_timeout, zmq.asyncio.Context.instance())
+        super().__init__(address, timeout, connect_timeout, zmq.Context.instance())
+        self.connect_timeout = connect_timeout
         self._waiters: dict[str, asyncio.Future | asyncio.Queue] = {}
-        self._reader: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._parked: p.Message | None = None  # a message for a full stream queue: reading waits for it
+        self._poll_handle: asyncio.TimerHandle | None = None
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        if self._loop is not None:
+            self._loop.remove_reader(self.sock.getsockopt(zmq.FD))
+            if self._poll_handle is not None:
+                self._poll_handle.cancel()
         self.sock.close(0)
 
     async def __aenter__(self):
@@ -288,38 +297,68 @@ class AsyncClient(_Base):
         await self.close()
 
     async def _send(self, msg: p.Message) -> None:
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
-        try:
-            await self.sock.send_multipart(p.encode(msg), copy=False)
-        except zmq.Again:
-            raise BrokerUnreachable(f"could not reach a broker at {self.address}") from None
-
-    async def _read(self) -> None:
-        """One reader for every call: routes each message to the future or stream queue of its id."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self.sock.getsockopt(zmq.FD), self._on_readable)
+            self._safety_poll()
+        frames = p.encode(msg)
+        deadline = time.monotonic() + self.connect_timeout
         while True:
-            if not await self.sock.poll(1000, zmq.POLLIN):
-                continue
             try:
-                msg = p.decode(await self.sock.recv_multipart())
+                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                break
+            except zmq.Again:  # no live connection yet (IMMEDIATE), or the broker is not reading
+                if time.monotonic() > deadline:
+                    raise BrokerUnreachable(f"could not reach a broker at {self.address}") from None
+                await asyncio.sleep(0.005)
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._loop.call_soon(self._on_readable)  # a send can swallow the FD's edge for arrivals
+
+    def _safety_poll(self) -> None:
+        """The FD is edge-triggered: read now and then anyway, so that no message can sit unnoticed."""
+        self._on_readable()
+        self._poll_handle = self._loop.call_later(0.1, self._safety_poll)
+
+    def _on_readable(self) -> None:
+        if self._parked is not None:
+            if not self._deliver(self._parked):
+                return
+            self._parked = None
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except (zmq.Again, zmq.ZMQError):
+                return
+            try:
+                msg = p.decode(frames)
             except RolloutdError:
                 continue
-            key = getattr(msg, "rid", None) or getattr(msg, "cid", None)
-            w = self._waiters.get(key)
-            if w is None:
-                continue
-            if isinstance(w, asyncio.Queue):
-                await w.put(msg)  # bounded: a slow stream consumer slows the reader, memory stays bounded
-            elif not w.done():
-                w.set_result(msg)
+            if not self._deliver(msg):
+                # A stream consumer fell behind: stop reading until it catches up. Its queue stays bounded
+                # and the socket's high-water mark pushes back on the broker.
+                self._parked = msg
+                return
 
-    async def _await(self, key: str, fut: asyncio.Future, deadline: float):
+    def _deliver(self, msg: p.Message) -> bool:
+        w = self._waiters.get(getattr(msg, "rid", None) or getattr(msg, "cid", None))
+        if isinstance(w, asyncio.Queue):
+            if w.full():
+                return False
+            w.put_nowait(msg)
+        elif w is not None and not w.done():
+            w.set_result(msg)
+        return True
+
+    async def _wait(self, futs: dict, deadline: float) -> tuple[dict, list[str]]:
+        """Results by key, and the keys that timed out."""
         try:
-            return await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            raise RequestTimeout(f"request {key} did not finish in time", request_id=key) from None
+            if futs:
+                await asyncio.wait(list(futs.values()), timeout=max(0.0, deadline - time.monotonic()))
         finally:
-            self._waiters.pop(key, None)
+            for key in futs:
+                self._waiters.pop(key, None)
+        done = {k: f.result() for k, f in futs.items() if f.done()}
+        return done, [k for k in futs if k not in done]
 
     async def generate(self, prompts: Sequence, *, timeout: float | None = None,
                        request_ids: Sequence[str] | None = None, **sampling) -> list[Result]:
@@ -331,21 +370,17 @@ class AsyncClient(_Base):
         for m in msgs:
             futs[m.rid] = self._waiters[m.rid] = loop.create_future()
             await self._send(m)
-        outs = await asyncio.gather(*(self._await(r, f, deadline) for r, f in futs.items()), return_exceptions=True)
+        done, late = await self._wait(futs, deadline)
         results, errors = {}, {}
-        timed_out = []
-        for rid, out in zip(futs, outs):
-            if isinstance(out, RequestTimeout):
-                timed_out.append(rid)
-                errors[rid] = out
-            elif isinstance(out, BaseException):
-                raise out
-            elif out.CMD is p.Cmd.RESULT:
-                results[rid] = from_message(out)
+        for rid, msg in done.items():
+            if msg.CMD is p.Cmd.RESULT:
+                results[rid] = from_message(msg)
             else:
-                errors[rid] = _error(out)
-        if timed_out:
-            await self._send(p.Abort(cid=self.new_id(), rids=timed_out))
+                errors[rid] = _error(msg)
+        for rid in late:
+            errors[rid] = RequestTimeout(f"request {rid} did not finish in time", request_id=rid)
+        if late:
+            await self._send(p.Abort(cid=self.new_id(), rids=late))
         return _finish(list(futs), results, errors)
 
     async def stream(self, prompt, *, timeout: float | None = None, request_id: str | None = None,
@@ -363,6 +398,8 @@ class AsyncClient(_Base):
                 except asyncio.TimeoutError:
                     await self._send(p.Abort(cid=self.new_id(), rids=[msg.rid]))
                     raise RequestTimeout("stream did not finish in time", request_id=msg.rid) from None
+                if self._parked is not None:
+                    self._loop.call_soon(self._on_readable)  # room again: take up reading
                 if m.CMD is p.Cmd.TOKENS:
                     for d in deltas_from_message(m):
                         yield d
@@ -377,7 +414,10 @@ class AsyncClient(_Base):
     async def _call(self, msg, timeout: float | None = None) -> dict:
         fut = self._waiters[msg.cid] = asyncio.get_running_loop().create_future()
         await self._send(msg)
-        return _reply(await self._await(msg.cid, fut, self._deadline(timeout)))
+        done, late = await self._wait({msg.cid: fut}, self._deadline(timeout))
+        if late:
+            raise RequestTimeout(f"{type(msg).__name__} got no answer in time")
+        return _reply(done[msg.cid])
 
     async def abort(self, request_ids: Sequence[str], timeout: float | None = None) -> dict:
         return await self._call(p.Abort(cid=self.new_id(), rids=list(request_ids)), timeout)

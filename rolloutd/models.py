@@ -4,7 +4,8 @@
   dequantized by transformers and saved as an ordinary HF folder (safetensors + config) that vLLM serves.
 - tiny: a 2-layer, 128-wide Llama with random weights (fixed seed) and a small byte-level BPE tokenizer
   trained here, with a chat template: starts in seconds, for tests and benchmarks of the daemon itself.
-  Its 2 KV heads of width 64 divide by 2, so it also runs with tensor parallel size 2.
+  Its 2 KV heads of width 64 divide by 2, so it also runs with tensor parallel size 2; 32k positions
+  let tests run generations long enough to be aborted mid-way however fast the machine is.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from . import config
 
 log = logging.getLogger("rolloutd.models")
 
-NAMES = ("smollm2", "tiny")
-_DONE = ".rolloutd-complete"  # written last: a folder without it is a half-finished preparation
+# Bump a model's version when its recipe changes: a cached folder of another version is rebuilt.
+VERSIONS = {"smollm2": "1", "tiny": "2"}
+NAMES = tuple(VERSIONS)
+_DONE = ".rolloutd-complete"  # written last, holding the version: a folder without it is half-finished
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -37,14 +40,15 @@ def prepare(name: str, cache: str | None = None, force: bool = False) -> str:
     if name not in NAMES:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(NAMES)}")
     out = model_dir(name, cache)
-    if os.path.exists(os.path.join(out, _DONE)) and not force:
+    if not force and _version_of(out) == VERSIONS[name]:
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
     # Build beside the final place and rename, so a crash or a concurrent run never leaves a broken folder.
     tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=os.path.dirname(out))
     try:
         (_build_smollm2 if name == "smollm2" else _build_tiny)(tmp)
-        open(os.path.join(tmp, _DONE), "w").close()
+        with open(os.path.join(tmp, _DONE), "w") as f:
+            f.write(VERSIONS[name])
         if os.path.exists(out):
             shutil.rmtree(out)
         os.rename(tmp, out)
@@ -52,6 +56,14 @@ def prepare(name: str, cache: str | None = None, force: bool = False) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("prepared %s in %s", name, out)
     return out
+
+
+def _version_of(folder: str) -> str | None:
+    try:
+        with open(os.path.join(folder, _DONE)) as f:
+            return f.read().strip() or "1"
+    except OSError:
+        return None
 
 
 def resolve(model: str, cache: str | None = None) -> str:
@@ -111,7 +123,7 @@ def _build_tiny(out: str) -> None:
 
     cfg = LlamaConfig(
         vocab_size=bpe.get_vocab_size(), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=32768,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False, torch_dtype="bfloat16",
     )

@@ -49,6 +49,12 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
         self.drain_s = drain_s
+        # How long a silent broker is waited for. Far longer than the broker's own patience: the broker
+        # expiring a worker is what frees clients, while a worker giving up throws away all it holds; and
+        # a restarted broker is noticed at once anyway (it answers our next heartbeat with DISCONNECT).
+        # On the 2-core VMs of CI, under vLLM load, the broker's CPU was seen taken away for 14 s while this
+        # worker kept running (the host throttles one virtual CPU at a time; the guest cannot tell).
+        self.patience_s = max(60.0, 2 * heartbeat_s * liveness)
         self.ctx = ctx or zmq.Context.instance()
         self.tasks: dict[str, asyncio.Task] = {}  # rid -> the task serving it
         self.devices: list[str] = ["cpu"]
@@ -134,9 +140,7 @@ class Worker:
                 log.warning("worker loop stalled %.2f s", late)
                 self._last_heard += late
             self._on_readable()  # an edge-triggered FD can miss a wake-up; never let a message sit
-            # Twice the broker's patience: the broker expiring a worker is what frees clients; a worker
-            # giving up on its broker throws away all it holds, so it waits longer before it does.
-            if time.monotonic() - self._last_heard > 2 * self.heartbeat_s * self.liveness:
+            if time.monotonic() - self._last_heard > self.patience_s:
                 self._session_over.set()
 
     async def _drain(self) -> None:

@@ -19,7 +19,7 @@ from rolloutd import AsyncClient, BadRequest, Client, WorkerLost
 from rolloutd import protocol as p
 from rolloutd.models import prepare
 
-from .conftest import HEARTBEAT_S, group_alive, wait_until
+from .conftest import HEARTBEAT_S, LIVENESS, FreezeWatch, group_alive, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -123,26 +123,27 @@ def test_sigkill_one_worker_fails_its_requests_fast_and_the_other_keeps_serving(
     pids = daemon.worker_pids()
     with Client(daemon.front, timeout=120) as c:
         rids = [f"kill-{i}" for i in range(8)]
-        msgs = c._generate_msgs(prompts(8), rids, False, {"max_tokens": 1500, "ignore_eos": True})
+        msgs = c._generate_msgs(prompts(8), rids, False, {"max_tokens": 3000, "ignore_eos": True})
         for m in msgs:
             c._send(m)
         time.sleep(0.5)
         victim = pids[0]
-        os.kill(victim, signal.SIGKILL)
-        t0 = time.monotonic()
-        lost, done = {}, {}
-        while len(lost) + len(done) < 8:
-            m = c._recv(time.monotonic() + 30)
-            assert m is not None, "a request hung after its worker died"
-            if m.CMD is p.Cmd.ERROR:
-                lost[m.rid] = (m.code, time.monotonic() - t0)
-            elif m.CMD is p.Cmd.RESULT:
-                done[m.rid] = m
+        with FreezeWatch() as fw:
+            os.kill(victim, signal.SIGKILL)
+            t0 = time.monotonic()
+            lost, done = {}, {}
+            while len(lost) + len(done) < 8:
+                m = c._recv(time.monotonic() + 30)
+                assert m is not None, "a request hung after its worker died"
+                if m.CMD is p.Cmd.ERROR:
+                    lost[m.rid] = (m.code, time.monotonic() - t0)
+                elif m.CMD is p.Cmd.RESULT:
+                    done[m.rid] = m
         assert lost and done, (lost, done)
         assert all(code == WorkerLost.code for code, _ in lost.values())
-        # 3 missed heartbeats, plus slack for the seconds-long stalls that engines decoding side by side
-        # cause on a 2-core machine (the broker does not count its own stalls against a worker)
-        assert max(t for _, t in lost.values()) < HEARTBEAT_S * 3 + 3.0
+        # LIVENESS missed heartbeats and a tick; a freeze meanwhile is not counted against the worker (the
+        # broker extends liveness by its own stalls), so it is added here as measured
+        assert max(t for _, t in lost.values()) < HEARTBEAT_S * (LIVENESS + 1) + 1.0 + fw.frozen_s, fw.frozen_s
         assert wait_until(lambda: len(c.status()["workers"]) == 1, 5)
         assert len(c.generate(prompts(4), max_tokens=8)) == 4
     # the dead worker's engine processes went with it

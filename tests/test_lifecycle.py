@@ -13,7 +13,7 @@ import pytest
 
 from rolloutd import AsyncClient, Client, Paused
 
-from .conftest import group_alive, wait_until
+from .conftest import LONG, group_alive, timed_attempts, wait_until
 from .test_daemon import prompts
 
 pytestmark = pytest.mark.slow
@@ -22,39 +22,40 @@ pytestmark = pytest.mark.slow
 def test_abort_all_returns_every_long_generation_within_a_second_with_partial_output(daemon1):
     async def main():
         async with AsyncClient(daemon1.front, timeout=120) as c:
-            task = asyncio.create_task(c.generate(prompts(8), max_tokens=4000, ignore_eos=True))
+            task = asyncio.create_task(c.generate(prompts(8), max_tokens=LONG, ignore_eos=True))
             await asyncio.sleep(0.5)
             t0 = time.monotonic()
             reply = await c.abort_all(timeout=5)
-            results = await asyncio.wait_for(task, 5)
-            return reply, results, time.monotonic() - t0
-    reply, results, took = asyncio.run(main())
-    assert took < 1.0, took
-    assert reply["ok"] and sum(v["aborted"] for k, v in reply.items() if isinstance(v, dict) and "aborted" in v) == 8
-    for r in results:
-        assert r.finish_reason == "abort" and 0 < len(r.token_ids) < 4000
+            results = await asyncio.wait_for(task, 10)
+            took = time.monotonic() - t0
+        assert reply["ok"] and reply[next(k for k in reply if k != "ok")]["aborted"] == 8, reply
+        for r in results:
+            assert r.finish_reason == "abort" and 0 < len(r.token_ids) < LONG
+        return took
+
+    timed_attempts(lambda: asyncio.run(main()), bound_s=1.0)
 
 
 def test_abort_one_of_eight_leaves_the_others_running(daemon1):
     async def main():
         async with AsyncClient(daemon1.front, timeout=120) as c:
             rids = [f"one-of-eight-{i}" for i in range(8)]
-            task = asyncio.create_task(c.generate(prompts(8), max_tokens=2000, ignore_eos=True, request_ids=rids))
+            victim = asyncio.create_task(c.generate(prompts(1), max_tokens=LONG, ignore_eos=True, request_ids=rids[3:4]))
+            rest = asyncio.create_task(c.generate(prompts(7, start=50), max_tokens=1000, ignore_eos=True,
+                                                  request_ids=rids[:3] + rids[4:]))
             await asyncio.sleep(0.3)
             reply = await c.abort([rids[3], "no-such-request"], timeout=5)
-            return reply, await asyncio.wait_for(task, 60)
-    reply, results = asyncio.run(main())
+            return reply, await asyncio.wait_for(victim, 30), await asyncio.wait_for(rest, 120)
+    reply, (aborted,), rest = asyncio.run(main())
     assert reply["broker"]["unknown"] == ["no-such-request"]
-    assert results[3].finish_reason == "abort" and 0 < len(results[3].token_ids) < 2000
-    for i, r in enumerate(results):
-        if i != 3:
-            assert r.finish_reason == "length" and len(r.token_ids) == 2000
+    assert aborted.finish_reason == "abort" and 0 < len(aborted.token_ids) < LONG
+    assert all(r.finish_reason == "length" and len(r.token_ids) == 1000 for r in rest)
 
 
 def test_pause_abort_returns_partials_and_new_requests_wait_for_resume(daemon1):
     async def main():
         async with AsyncClient(daemon1.front, timeout=120) as c:
-            long = asyncio.create_task(c.generate(prompts(4), max_tokens=4000, ignore_eos=True))
+            long = asyncio.create_task(c.generate(prompts(4), max_tokens=LONG, ignore_eos=True))
             await asyncio.sleep(0.5)
             reply = await c.pause("abort", timeout=30)
             aborted = await asyncio.wait_for(long, 10)
@@ -66,7 +67,7 @@ def test_pause_abort_returns_partials_and_new_requests_wait_for_resume(daemon1):
     reply, aborted, waited, later = asyncio.run(main())
     assert reply["ok"], reply
     got = [(r.finish_reason, len(r.token_ids)) for r in aborted]
-    assert all(reason == "abort" and 0 < n < 4000 for reason, n in got), got
+    assert all(reason == "abort" and 0 < n < LONG for reason, n in got), got
     assert waited, "a request sent while paused ran before resume"
     assert [len(r.token_ids) for r in later] == [8, 8]
 
@@ -89,10 +90,10 @@ def test_pause_wait_lets_in_flight_finish(daemon1):
 def test_pause_keep_freezes_and_resume_continues_without_loss(daemon1):
     async def main():
         async with AsyncClient(daemon1.front, timeout=120) as c:
-            others = asyncio.create_task(c.generate(prompts(3), max_tokens=1500, ignore_eos=True))
+            others = asyncio.create_task(c.generate(prompts(3), max_tokens=8000, ignore_eos=True))
             seen, during, paused = [], [], asyncio.Event()
             async def watch():
-                async for ev in c.stream(prompts(1)[0], max_tokens=1500, ignore_eos=True):
+                async for ev in c.stream(prompts(1)[0], max_tokens=8000, ignore_eos=True):
                     (during if paused.is_set() else seen).append(ev)
             streaming = asyncio.create_task(watch())
             await asyncio.sleep(0.5)
@@ -108,9 +109,9 @@ def test_pause_keep_freezes_and_resume_continues_without_loss(daemon1):
     assert reply["ok"], reply
     assert frozen_deltas == 0, f"{frozen_deltas} deltas arrived while paused"
     *deltas, final = events
-    assert final.finish_reason == "length" and len(final.token_ids) == 1500
+    assert final.finish_reason == "length" and len(final.token_ids) == 8000
     assert [t for d in deltas for t in d.token_ids] == final.token_ids  # nothing lost or repeated
-    assert all(r.finish_reason == "length" and len(r.token_ids) == 1500 for r in others)
+    assert all(r.finish_reason == "length" and len(r.token_ids) == 8000 for r in others)
 
 
 def test_pause_with_refuse_fails_new_requests_fast(daemon1):
@@ -139,7 +140,7 @@ def test_sigterm_ends_inflight_work_with_outputs_and_leaves_no_process(daemon1):
 
     async def main():
         async with AsyncClient(daemon1.front, timeout=120) as c:
-            task = asyncio.create_task(c.generate(prompts(6), max_tokens=4000, ignore_eos=True))
+            task = asyncio.create_task(c.generate(prompts(6), max_tokens=LONG, ignore_eos=True))
             await asyncio.sleep(0.5)
             daemon1.proc.send_signal(signal.SIGTERM)
             return await asyncio.wait_for(task, 60)

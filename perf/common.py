@@ -77,11 +77,10 @@ def tagged(name: str) -> str:
 
 
 def save(name: str, result: dict, command: str) -> dict:
-    name = tagged(name)
-    result = {"benchmark": name, "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    result = {"benchmark": name, "tag": os.environ.get("BENCH_TAG", ""), "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "machine": machine(), **result}
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.json")
+    path = os.path.join(RESULTS, f"{tagged(name)}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps({k: v for k, v in result.items() if k != "cdf_us"}, indent=2))

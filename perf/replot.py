@@ -13,5 +13,6 @@ matplotlib.use("Agg")
 for path in sys.argv[1:]:
     with open(path) as f:
         r = json.load(f)
-    importlib.import_module(f"bench_{r['benchmark']}").plot(r, path[:-5] + ".png")
+    name = r["benchmark"].split("-")[0]  # results saved before the tag had a field of its own carry it here
+    importlib.import_module(f"bench_{name}").plot(r, path[:-5] + ".png")
     print("wrote", path[:-5] + ".png")

@@ -21,7 +21,6 @@ import zmq
 from . import config
 from . import protocol as p
 from .errors import Busy, ProtocolError, RolloutdError, ShuttingDown, WorkerLost
-from .zmqwait import readable
 
 log = logging.getLogger("rolloutd.broker")
 
@@ -107,12 +106,15 @@ class Broker:
 
     def run(self) -> None:
         log.info("broker: clients on %s, workers on %s", self.front_address, self.back_address)
-        socks = [self.front, self.back]
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
         try:
             while not self._stop:
-                for sock in readable(socks, self._next_beat - time.monotonic()):
+                timeout_ms = max(0.0, self._next_beat - time.monotonic()) * 1000
+                for sock, _ in poller.poll(timeout_ms):
                     # Take what is queued, bounded so one busy side cannot starve the other; what is left
-                    # shows in ZMQ_EVENTS on the next round.
+                    # makes the next poll return at once.
                     for _ in range(256):
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -131,9 +133,9 @@ class Broker:
         now = time.monotonic()
         late = now - self._next_beat
         if self._next_beat and late > self.heartbeat_s / 2:
-            # This process was not running (on a loaded 2-core machine a vLLM engine starting a batch has
-            # frozen every process here for most of a second): nobody could be heard meanwhile, so the
-            # stall does not count against the workers' liveness.
+            # This process was not running (on the 2-core CI VMs the host takes a virtual CPU away for
+            # seconds under vLLM load): nobody could be heard meanwhile, so the stall does not count
+            # against the workers' liveness.
             log.warning("broker loop stalled %.2f s; extending worker liveness by as much", late)
             for w in self.workers.values():
                 w.expiry += late

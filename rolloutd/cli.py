@@ -127,10 +127,7 @@ def cmd_up(a) -> int:
         cmd = child_cmd("worker", "--broker", a.back, "--id", f"{host}-w{i}", *_passthrough(a))
         worker_cmds.append((cmd, env))
     broker = child_cmd("broker", "--front", a.front, "--back", a.back, "--heartbeat-s", str(a.heartbeat_s))
-    # On CPU the engines spin on every core; niced, they still get the CPU whenever the broker and the
-    # clients have nothing to do, but no longer starve them (seconds-long stalls otherwise, see zmqwait).
-    nice = 0 if gpus else a.cpu_worker_nice
-    return Launcher(broker, worker_cmds, a.front, worker_nice=nice).run()
+    return Launcher(broker, worker_cmds, a.front).run()
 
 
 def cmd_broker(a) -> int:
@@ -238,8 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="workers to start (default: one per GPU group, 1 on CPU)")
     p.add_argument("--front", default=config.FRONT, help=f"address for clients (default {config.FRONT})")
     p.add_argument("--back", default=config.BACK, help=f"address for workers (default {config.BACK})")
-    p.add_argument("--cpu-worker-nice", type=int, default=10,
-                   help="niceness of CPU-engine workers, so they cannot starve the broker (default 10; GPU: 0)")
     _engine_args(p)
     _worker_args(p)
     _liveness_args(p)

@@ -30,7 +30,6 @@ from . import config
 from . import protocol as p
 from .errors import BadRequest, BrokerUnreachable, RequestTimeout, RolloutdError, from_code
 from .results import Delta, Result, deltas_from_message, from_message
-from .zmqwait import readable
 
 DEFAULT_TIMEOUT_S = 600.0
 CONNECT_TIMEOUT_S = 5.0
@@ -130,7 +129,8 @@ class Client(_Base):
     def _recv(self, deadline: float) -> p.Message | None:
         """The next message, or None at the deadline. Malformed messages are skipped, never fatal."""
         while True:
-            if not readable([self.sock], deadline - time.monotonic()):
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(left * 1000, zmq.POLLIN):
                 return None
             try:
                 return p.decode(self.sock.recv_multipart())

@@ -48,13 +48,12 @@ def gpu_count() -> int:
 
 class Launcher:
     def __init__(self, broker_cmd: list[str], worker_cmds: list[tuple[list[str], dict]], front: str,
-                 ready_timeout_s: float = 900.0, stop_timeout_s: float = 60.0, worker_nice: int = 0):
+                 ready_timeout_s: float = 900.0, stop_timeout_s: float = 60.0):
         self.broker_cmd = broker_cmd
         self.worker_cmds = worker_cmds
         self.front = front
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
-        self.worker_nice = worker_nice
         self.broker: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self._signals = 0
@@ -62,15 +61,14 @@ class Launcher:
     def _on_signal(self, signum, _frame) -> None:
         self._signals += 1  # only state here; the loop acts on it
 
-    def _spawn(self, cmd: list[str], env: dict | None = None, nice: int = 0) -> subprocess.Popen:
-        return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
-                                preexec_fn=(lambda: os.nice(nice)) if nice else None)
+    def _spawn(self, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+        return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.broker = self._spawn(self.broker_cmd)
-        self.workers = [self._spawn(cmd, env, self.worker_nice) for cmd, env in self.worker_cmds]
+        self.workers = [self._spawn(cmd, env) for cmd, env in self.worker_cmds]
         try:
             if not self._wait_ready():
                 return 1

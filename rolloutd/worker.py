@@ -64,6 +64,7 @@ class Worker:
         self.refuse_while_paused = False
         self.sleeping = 0  # sleep level while asleep
         self._stopping = 0  # 0 running, 1 draining (first signal), 2 stop now (second signal)
+        self.exit_code = 0
         self._drain_deadline: float | None = None
         self._last_heard = 0.0
         self._heard = False
@@ -135,8 +136,8 @@ class Worker:
             await asyncio.sleep(self.heartbeat_s)
             late = time.monotonic() - t - self.heartbeat_s
             if late > self.heartbeat_s / 2:
-                # This process was not running (two vLLM CPU engines decoding on a 2-core machine have frozen
-                # every other process for seconds): the broker could not be heard meanwhile.
+                # This process was not running (the host took its virtual CPU away: seen for seconds on the
+                # 2-core CI VMs under vLLM load): the broker could not be heard meanwhile.
                 log.warning("worker loop stalled %.2f s", late)
                 self._last_heard += late
             self._on_readable()  # an edge-triggered FD can miss a wake-up; never let a message sit
@@ -158,7 +159,7 @@ class Worker:
 
     def _ready(self) -> p.Ready:
         return p.Ready(worker=self.id, model=self.model, devices=self.devices, capacity=self.capacity,
-                       weight_version=self.weight_version, transports=["path"], pid=os.getpid(),
+                       weight_version=self.weight_version, transports=[], pid=os.getpid(),  # no weight loading yet
                        engine={"vllm": eng.vllm_version(),
                                "tensor_parallel_size": self.engine.vllm_config.parallel_config.tensor_parallel_size})
 
@@ -326,6 +327,13 @@ class Worker:
                 return
             log.exception("request %s failed", rid)
             self._send(p.Error(code=EngineError.code, rid=rid, message=f"{type(e).__name__}: {e}"))
+            if getattr(self.engine, "errored", False):
+                # The engine process is gone: stop at once (what we hold fails as EngineError) so that the
+                # launcher or the service manager sees the exit instead of a worker that fails everything.
+                log.error("the vLLM engine died; stopping this worker")
+                self.exit_code, self._stopping = 1, 2
+                if self._session_over is not None:
+                    self._session_over.set()
         finally:
             self.tasks.pop(rid, None)
 
@@ -361,7 +369,7 @@ def run_worker(opts: eng.EngineOptions, broker: str, *, worker_id: str | None = 
                drain_s: float = 30.0) -> int:
     """Build the engine, serve until SIGTERM/SIGINT, shut the engine down. Returns the exit code."""
 
-    async def main() -> None:
+    async def main() -> int:
         engine = eng.build_engine(opts)
         try:
             w = Worker(engine, broker, worker_id=worker_id, model=opts.model, capacity=capacity,
@@ -371,8 +379,8 @@ def run_worker(opts: eng.EngineOptions, broker: str, *, worker_id: str | None = 
                 loop.add_signal_handler(sig, w.request_stop)
             log.info("worker %s serving %s, broker %s", w.id, opts.model, broker)
             await w.run()
+            return w.exit_code
         finally:
             engine.shutdown()
 
-    asyncio.run(main())
-    return 0
+    return asyncio.run(main())

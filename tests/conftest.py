@@ -129,6 +129,20 @@ def timed_attempts(attempt, bound_s: float, tries: int = 3):
     pytest.skip(f"the machine froze during every attempt (took, frozen) = {freezes}: timing not measurable")
 
 
+def inprocess_greedy(tmp_path, prompts, sampling, *engine_flags) -> list[list[int]]:
+    """Sample 0's token ids for each prompt from the same engine without the daemon, one prompt at a time
+    (a batch of one decodes bit-exactly the same way on both sides)."""
+    import json
+
+    f = tmp_path / "prompts.json"
+    f.write_text(json.dumps(prompts))
+    out = subprocess.run([sys.executable, "-m", "rolloutd.inprocess", "--model", prepare("tiny"), "--prompts", str(f),
+                          "--sampling", json.dumps(sampling), "--max-model-len", "4096", "--sequential",
+                          *engine_flags], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [samples[0] for samples in json.loads(out.stdout.strip().splitlines()[-1])["token_ids"]]
+
+
 def wait_until(pred, timeout, every=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -5,11 +5,8 @@ Abort and stop are in test_lifecycle.py.
 """
 import asyncio
 import collections
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -17,9 +14,8 @@ import zmq
 
 from rolloutd import AsyncClient, BadRequest, Client, WorkerLost
 from rolloutd import protocol as p
-from rolloutd.models import prepare
 
-from .conftest import HEARTBEAT_S, LIVENESS, FreezeWatch, group_alive, wait_until
+from .conftest import HEARTBEAT_S, LIVENESS, FreezeWatch, group_alive, inprocess_greedy, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -53,15 +49,8 @@ def test_greedy_through_the_daemon_equals_the_engine_in_process(daemon, tmp_path
     ps = prompts(6, length=9, start=11)
     sampling = {"temperature": 0.0, "max_tokens": 48, "ignore_eos": True}
     with Client(daemon.front, timeout=120) as c:
-        # one at a time on both sides: a batch of one decodes bit-exactly the same way
-        ours = [c.generate([pr], **sampling)[0].token_ids for pr in ps]
-    f = tmp_path / "prompts.json"
-    f.write_text(json.dumps(ps))
-    out = subprocess.run([sys.executable, "-m", "rolloutd.inprocess", "--model", prepare("tiny"), "--prompts", str(f),
-                          "--sampling", json.dumps(sampling), "--max-model-len", "4096", "--sequential"],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ref = [samples[0] for samples in json.loads(out.stdout.strip().splitlines()[-1])["token_ids"]]
+        ours = [c.generate([pr], **sampling)[0].token_ids for pr in ps]  # one at a time, as in-process
+    ref = inprocess_greedy(tmp_path, ps, sampling)
     assert all(len(r) == 48 for r in ref)
     assert ours == ref
 

@@ -2,9 +2,6 @@
 greedy through the daemon equals vLLM in-process on the GPU, vLLM sleep level 1 and wake_up through the
 broker, abort all with 512 requests in flight."""
 import asyncio
-import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -12,9 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from rolloutd import AsyncClient, Client, Paused  # noqa: E402
-from rolloutd.models import prepare  # noqa: E402
 
-from .conftest import Daemon  # noqa: E402
+from .conftest import Daemon, inprocess_greedy  # noqa: E402
 from .test_daemon import prompts  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -41,14 +37,7 @@ def test_greedy_through_the_daemon_equals_vllm_in_process_on_gpu(gpu_daemon, tmp
     sampling = {"temperature": 0.0, "max_tokens": 64, "ignore_eos": True}
     with Client(gpu_daemon.front, timeout=120) as c:
         ours = [c.generate([pr], **sampling)[0].token_ids for pr in ps]
-    f = tmp_path / "prompts.json"
-    f.write_text(json.dumps(ps))
-    out = subprocess.run([sys.executable, "-m", "rolloutd.inprocess", "--model", prepare("tiny"), "--prompts", str(f),
-                          "--sampling", json.dumps(sampling), "--max-model-len", "4096", "--sequential", *ENGINE],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ref = [s[0] for s in json.loads(out.stdout.strip().splitlines()[-1])["token_ids"]]
-    assert ours == ref
+    assert ours == inprocess_greedy(tmp_path, ps, sampling, *ENGINE)
 
 
 def test_sleep_level_1_refuses_work_and_wake_restores_the_same_weights(gpu_daemon):

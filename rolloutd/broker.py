@@ -282,12 +282,12 @@ class Broker:
             return
         w.expiry = time.monotonic() + self.heartbeat_s * self.liveness
         if cmd is p.Cmd.RESULT or (cmd is p.Cmd.ERROR and msg.rid):
-            req = self.requests.pop(msg.rid, None)
+            req = self._finish(w, msg.rid)
             if req is not None:
-                w.load -= req.n
-                w.rids.discard(msg.rid)
                 self.front.send_multipart([req.client, *frames])
                 self._drain_pending()
+        elif cmd is p.Cmd.RESULTS:
+            self._on_results(w, msg, frames)
         elif cmd is p.Cmd.TOKENS:
             req = self.requests.get(msg.rid)
             if req is not None:
@@ -300,6 +300,33 @@ class Broker:
             self._drop_worker(w, f"worker {w.name} disconnected: {msg.reason}")
         else:
             log.warning("worker %s sent %s, which workers do not send", w.name, type(msg).__name__)
+
+    def _finish(self, w: WorkerEntry, rid: str) -> Request | None:
+        """Close a request that its worker answered; None for one already failed or unknown."""
+        req = self.requests.pop(rid, None)
+        if req is not None:
+            w.load -= req.n
+            w.rids.discard(rid)
+        return req
+
+    def _on_results(self, w: WorkerEntry, msg: p.Results, frames: list) -> None:
+        """A worker's batch of results: to each client its own, still as one message per client."""
+        try:
+            results = msg.split()
+        except RolloutdError as e:
+            log.warning("bad results batch from worker %s: %s", w.name, e)
+            return
+        by_client: dict[bytes, list[p.Result]] = {}
+        for r in results:
+            req = self._finish(w, r.rid)
+            if req is not None:
+                by_client.setdefault(req.client, []).append(r)
+        for client, rs in by_client.items():
+            if len(by_client) == 1 and len(rs) == len(results):
+                self.front.send_multipart([client, *frames])  # the common case: all for one client, as it came
+            else:
+                self._to_client(client, p.Results.join(rs))
+        self._drain_pending()
 
     def _on_ready(self, ident: bytes, msg: p.Ready) -> None:
         old = self.workers.get(ident)

@@ -17,6 +17,7 @@ Client, or AsyncClient, whose calls run side by side on one connection.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import time
@@ -169,15 +170,16 @@ class Client(_Base):
             msg = self._recv(deadline)
             if msg is None:
                 raise self._timed_out(f"generate of {len(rids)} prompt(s)", list(waiting))
-            rid = getattr(msg, "rid", None)
-            if rid not in waiting:
-                continue  # a late answer to an earlier call
-            if msg.CMD is p.Cmd.RESULT:
-                results[rid] = from_message(msg)
-                waiting.discard(rid)
-            elif msg.CMD is p.Cmd.ERROR:
-                errors[rid] = _error(msg)
-                waiting.discard(rid)
+            for m in (msg.split() if msg.CMD is p.Cmd.RESULTS else (msg,)):
+                rid = getattr(m, "rid", None)
+                if rid not in waiting:
+                    continue  # a late answer to an earlier call
+                if m.CMD is p.Cmd.RESULT:
+                    results[rid] = from_message(m)
+                    waiting.discard(rid)
+                elif m.CMD is p.Cmd.ERROR:
+                    errors[rid] = _error(m)
+                    waiting.discard(rid)
         return _finish(rids, results, errors)
 
     def stream(self, prompt, *, timeout: float | None = None, request_id: str | None = None,
@@ -190,6 +192,8 @@ class Client(_Base):
             m = self._recv(deadline)
             if m is None:
                 raise self._timed_out("stream", [msg.rid])
+            if m.CMD is p.Cmd.RESULTS:
+                m = next((r for r in m.split() if r.rid == msg.rid), None) or m
             if getattr(m, "rid", None) != msg.rid:
                 continue
             if m.CMD is p.Cmd.TOKENS:
@@ -280,7 +284,7 @@ class AsyncClient(_Base):
         self.connect_timeout = connect_timeout
         self._waiters: dict[str, asyncio.Future | asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._parked: p.Message | None = None  # a message for a full stream queue: reading waits for it
+        self._parked: collections.deque = collections.deque()  # read, not yet delivered (a stream queue was full)
         self._poll_handle: asyncio.TimerHandle | None = None
 
     async def close(self) -> None:
@@ -320,11 +324,14 @@ class AsyncClient(_Base):
         self._poll_handle = self._loop.call_later(0.1, self._safety_poll)
 
     def _on_readable(self) -> None:
-        if self._parked is not None:
-            if not self._deliver(self._parked):
-                return
-            self._parked = None
         while True:
+            while self._parked:
+                if not self._deliver(self._parked[0]):
+                    # A stream consumer fell behind: stop reading until it catches up. Its queue stays
+                    # bounded, this holds at most one message's worth, and the socket's high-water mark
+                    # pushes back on the broker.
+                    return
+                self._parked.popleft()
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except (zmq.Again, zmq.ZMQError):
@@ -333,11 +340,7 @@ class AsyncClient(_Base):
                 msg = p.decode(frames)
             except RolloutdError:
                 continue
-            if not self._deliver(msg):
-                # A stream consumer fell behind: stop reading until it catches up. Its queue stays bounded
-                # and the socket's high-water mark pushes back on the broker.
-                self._parked = msg
-                return
+            self._parked.extend(msg.split() if msg.CMD is p.Cmd.RESULTS else (msg,))
 
     def _deliver(self, msg: p.Message) -> bool:
         w = self._waiters.get(getattr(msg, "rid", None) or getattr(msg, "cid", None))
@@ -398,7 +401,7 @@ class AsyncClient(_Base):
                 except asyncio.TimeoutError:
                     await self._send(p.Abort(cid=self.new_id(), rids=[msg.rid]))
                     raise RequestTimeout("stream did not finish in time", request_id=msg.rid) from None
-                if self._parked is not None:
+                if self._parked:
                     self._loop.call_soon(self._on_readable)  # room again: take up reading
                 if m.CMD is p.Cmd.TOKENS:
                     for d in deltas_from_message(m):

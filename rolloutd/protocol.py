@@ -54,6 +54,7 @@ class Cmd(IntEnum):
     RESULT = 12
     ABORT = 13
     ABORT_ALL = 14
+    RESULTS = 15
     # engine state, fanned out to every worker
     LOAD_WEIGHTS = 20
     SLEEP = 21
@@ -189,7 +190,7 @@ class Result(Message):
     prompt_tokens: int = 0
 
     def check_frames(self) -> None:
-        want = sum(2 if s.get("logprobs") else 1 for s in self.samples)
+        want = result_frames(self.samples)
         if len(self.frames) != want:
             raise ProtocolError(f"result: samples need {want} frames, got {len(self.frames)}")
         i = 0
@@ -202,6 +203,56 @@ class Result(Message):
                 if _frame_len(self.frames[i], LOGPROB_DTYPE, "logprobs") != n:
                     raise ProtocolError("result: logprobs and token ids differ in length")
                 i += 1
+
+
+def result_frames(samples: list[dict]) -> int:
+    """How many bulk frames a result with these samples carries."""
+    return sum(2 if s.get("logprobs") else 1 for s in samples)
+
+
+@dataclass
+class Results(Message):
+    """Worker -> broker -> client: several results at once, as a worker finishes them in one event-loop
+    turn (an abort of 512 requests makes 512 at once); one message instead of hundreds through every hop.
+
+    items[i] = [rid, samples, prompt_tokens]; frames are those of each Result, one after the other.
+    split() and join() turn it into Result messages and back; the broker regroups them by client.
+    """
+    CMD = Cmd.RESULTS
+    worker: str
+    weight_version: int
+    items: list[list]
+
+    def check_frames(self) -> None:
+        for it in self.items:
+            if (len(it) != 3 or not isinstance(it[0], str) or not isinstance(it[1], list)
+                    or not all(isinstance(x, dict) for x in it[1]) or type(it[2]) is not int):
+                raise ProtocolError("results: each item is [rid, [sample maps], prompt_tokens]")
+        for r in self.split():
+            r.check_frames()
+
+    def split(self) -> list[Result]:
+        out, i = [], 0
+        for rid, samples, prompt_tokens in self.items:
+            k = result_frames(samples)
+            if i + k > len(self.frames):
+                raise ProtocolError("results: fewer frames than the items need")
+            out.append(Result(rid=rid, worker=self.worker, weight_version=self.weight_version, samples=samples,
+                              prompt_tokens=prompt_tokens, frames=self.frames[i:i + k]))
+            i += k
+        if i != len(self.frames):
+            raise ProtocolError("results: more frames than the items need")
+        return out
+
+    @staticmethod
+    def join(results: list[Result]) -> Message:
+        """One message for results of one worker (a lone result stays a plain Result)."""
+        if len(results) == 1:
+            return results[0]
+        first = results[0]
+        return Results(worker=first.worker, weight_version=first.weight_version,
+                       items=[[r.rid, r.samples, r.prompt_tokens] for r in results],
+                       frames=[f for r in results for f in r.frames])
 
 
 @dataclass

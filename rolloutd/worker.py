@@ -35,6 +35,9 @@ _REABORT_TRIES = 20
 
 PAUSE_MODES = ("abort", "wait", "keep")
 
+# Frames in one batched results message: well inside the protocol's limit on frames per message.
+_MAX_BATCH_FRAMES = 1024
+
 
 class Worker:
     def __init__(self, engine, broker: str = config.BACK, *, worker_id: str | None = None, model: str = "",
@@ -71,6 +74,7 @@ class Worker:
         self._session_over: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bg: set[asyncio.Task] = set()  # control tasks, kept referenced until done
+        self._outbox: list[p.Result] = []  # results of this event-loop turn, sent together after it
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
@@ -318,7 +322,7 @@ class Worker:
                 if msg.stream and step:
                     self._send(p.Tokens(rid=rid, deltas=[[i, t] for i, _, t in step],
                                         frames=[p.pack_ids(new) for _, new, _ in step]))
-            self._send(eng.result_message(rid, self.id, self.weight_version, states, msg.n, len(ids), want_lp))
+            self._queue_result(eng.result_message(rid, self.id, self.weight_version, states, msg.n, len(ids), want_lp))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -336,6 +340,24 @@ class Worker:
                     self._session_over.set()
         finally:
             self.tasks.pop(rid, None)
+
+    def _queue_result(self, msg: p.Result) -> None:
+        """Results finished in one event-loop turn leave together, as one message (see protocol.Results)."""
+        if not self._outbox:
+            self._loop.call_soon(self._flush_results)
+        self._outbox.append(msg)
+
+    def _flush_results(self) -> None:
+        batch, frames = [], 0
+        for r in self._outbox:
+            if batch and frames + len(r.frames) > _MAX_BATCH_FRAMES:
+                self._send(p.Results.join(batch))
+                batch, frames = [], 0
+            batch.append(r)
+            frames += len(r.frames)
+        if batch:
+            self._send(p.Results.join(batch))
+        self._outbox = []
 
     def _prompt_ids(self, msg: p.Generate) -> list[int]:
         if msg.prompt is None:

@@ -229,3 +229,21 @@ def test_duplicate_request_ids_are_refused(broker):
     c.send_multipart(gen("same"))
     err = recv(c)
     assert err.CMD is p.Cmd.ERROR and err.code == "bad_request" and "already in flight" in err.message
+
+
+def test_a_results_batch_reaches_each_client_with_its_own(broker):
+    w = FakeWorker(broker, "a")
+    c1, c2 = raw_client(broker), raw_client(broker)
+    c1.send_multipart(gen("one"))
+    c2.send_multipart(gen("two"))
+    c1.send_multipart(gen("three"))
+    gens = [w.next() for _ in range(3)]
+    results = []
+    for g in gens:
+        samples = [{"index": 0, "text": g.rid, "finish_reason": "abort", "logprobs": False}]
+        results.append(p.Result(rid=g.rid, worker="a", weight_version=0, samples=samples, frames=[p.pack_ids([1])]))
+    w.send(p.Results.join(results))
+    got1, got2 = recv(c1), recv(c2)
+    assert got1.CMD is p.Cmd.RESULTS and sorted(r.rid for r in got1.split()) == ["one", "three"]
+    assert got2.CMD is p.Cmd.RESULT and got2.rid == "two"
+    assert broker.status()["requests"] == 0 and broker.status()["workers"][0]["inflight"] == 0

@@ -128,6 +128,8 @@ def test_sigkill_one_worker_fails_its_requests_fast_and_the_other_keeps_serving(
                     lost[m.rid] = (m.code, time.monotonic() - t0)
                 elif m.CMD is p.Cmd.RESULT:
                     done[m.rid] = m
+                elif m.CMD is p.Cmd.RESULTS:  # results the worker finished together
+                    done.update((r.rid, r) for r in m.split())
         assert lost and done, (lost, done)
         assert all(code == WorkerLost.code for code, _ in lost.values())
         # LIVENESS missed heartbeats and a tick; a freeze meanwhile is not counted against the worker (the

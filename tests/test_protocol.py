@@ -124,3 +124,28 @@ def test_result_frame_count_must_match_samples():
     # the broker forwards results without reading their frames
     assert p.decode(p.encode(p.Result(rid="r", worker="w", weight_version=0, samples=samples, frames=[b""])),
                     check_frames=False).rid == "r"
+
+
+def _result(rid, ids, lps=None):
+    samples = [{"index": 0, "text": rid, "finish_reason": "abort", "logprobs": lps is not None}]
+    frames = [p.pack_ids(ids)] + ([p.pack_logprobs(lps)] if lps is not None else [])
+    return p.Result(rid=rid, worker="w", weight_version=2, samples=samples, prompt_tokens=3, frames=frames)
+
+
+def test_results_batch_roundtrip_and_split():
+    rs = [_result("a", [1, 2]), _result("b", [3], [-0.5]), _result("c", [])]
+    batch = roundtrip(p.Results.join(rs))
+    assert isinstance(batch, p.Results) and len(batch.frames) == 4
+    assert [(r.rid, r.samples, r.prompt_tokens, [bytes(f) for f in r.frames]) for r in batch.split()] == \
+        [(r.rid, r.samples, r.prompt_tokens, r.frames) for r in rs]
+    assert p.Results.join([rs[0]]) is rs[0]  # a lone result stays a plain Result
+
+
+@pytest.mark.parametrize("items,frames,match", [
+    ([["a", [{"text": "", "finish_reason": "stop"}], 0]], [], "fewer frames"),
+    ([["a", [{"text": "", "finish_reason": "stop"}], 0]], [b"", b""], "more frames"),
+    ([["a", ["x"], 0]], [b""], "each item is"),
+])
+def test_bad_results_batches_are_protocol_errors(items, frames, match):
+    with pytest.raises(ProtocolError, match=match):
+        p.decode(p.encode(p.Results(worker="w", weight_version=0, items=items, frames=frames)))

@@ -134,7 +134,7 @@ class Client(_Base):
             if left <= 0 or not self.sock.poll(left * 1000, zmq.POLLIN):
                 return None
             try:
-                return p.decode(self.sock.recv_multipart())
+                return p.decode(self.sock.recv_multipart(zmq.NOBLOCK))  # poll said one is there
             except RolloutdError:
                 continue
 

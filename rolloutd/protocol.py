@@ -370,12 +370,6 @@ def encode(msg: Message) -> list[bytes]:
     return [_HEAD[msg.CMD], _packb(msg.header()), *msg.frames]
 
 
-def peek_cmd(frames: list) -> int | None:
-    """The command byte of a message, if its tag is right, without decoding it (for routing)."""
-    head = frames[0] if frames else b""
-    return head[4] if len(head) == 5 and head[:4] == TAG else None
-
-
 def decode(frames: list, *, check_frames: bool = True) -> Message:
     """Parse and validate one message. Raises ProtocolError / BadRequest naming what is wrong.
 

@@ -282,7 +282,7 @@ class Broker:
             return
         w.expiry = time.monotonic() + self.heartbeat_s * self.liveness
         if cmd is p.Cmd.RESULT or (cmd is p.Cmd.ERROR and msg.rid):
-            req = self._finish(w, msg.rid)
+            req = self._close(msg.rid)
             if req is not None:
                 self.front.send_multipart([req.client, *frames])
                 self._drain_pending()
@@ -301,12 +301,14 @@ class Broker:
         else:
             log.warning("worker %s sent %s, which workers do not send", w.name, type(msg).__name__)
 
-    def _finish(self, w: WorkerEntry, rid: str) -> Request | None:
-        """Close a request that its worker answered; None for one already failed or unknown."""
+    def _close(self, rid: str) -> Request | None:
+        """Take a request out of the table and off its worker's load; None if it is gone already."""
         req = self.requests.pop(rid, None)
-        if req is not None:
-            w.load -= req.n
-            w.rids.discard(rid)
+        if req is not None and req.worker is not None:
+            w = self.workers.get(req.worker)
+            if w is not None:
+                w.load -= req.n
+                w.rids.discard(rid)
         return req
 
     def _on_results(self, w: WorkerEntry, msg: p.Results, frames: list) -> None:
@@ -318,7 +320,7 @@ class Broker:
             return
         by_client: dict[bytes, list[p.Result]] = {}
         for r in results:
-            req = self._finish(w, r.rid)
+            req = self._close(r.rid)
             if req is not None:
                 by_client.setdefault(req.client, []).append(r)
         for client, rs in by_client.items():
@@ -433,14 +435,9 @@ class Broker:
                                                  frames=[b""] * req.n))
 
     def _fail(self, rid: str, err: RolloutdError) -> None:
-        req = self.requests.pop(rid, None)
-        if req is None:
-            return
-        w = self.workers.get(req.worker) if req.worker else None
-        if w is not None:
-            w.load -= req.n
-            w.rids.discard(rid)
-        self._to_client(req.client, p.Error(code=err.code, message=str(err), rid=rid))
+        req = self._close(rid)
+        if req is not None:
+            self._to_client(req.client, p.Error(code=err.code, message=str(err), rid=rid))
 
     def _to_client(self, client: bytes, msg: p.Message) -> None:
         self.front.send_multipart([client, *p.encode(msg)])

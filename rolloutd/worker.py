@@ -217,9 +217,7 @@ class Worker:
             self._session_over.set()
         elif cmd in (p.Cmd.ABORT, p.Cmd.ABORT_ALL, p.Cmd.SLEEP, p.Cmd.WAKE, p.Cmd.PAUSE, p.Cmd.RESUME,
                      p.Cmd.LOAD_WEIGHTS):
-            t = asyncio.create_task(self._control(msg))
-            self._bg.add(t)
-            t.add_done_callback(self._bg.discard)
+            self._background(self._control(msg))
         else:
             self._send(p.Error(code="protocol", cid=getattr(msg, "cid", None),
                                message=f"workers do not take {type(msg).__name__}"))
@@ -373,7 +371,11 @@ class Worker:
         if not rids:
             return
         await self.engine.abort(rids)
-        t = asyncio.create_task(self._reabort(rids))
+        self._background(self._reabort(rids))
+
+    def _background(self, coro) -> None:
+        """A task nobody awaits, kept referenced until done (asyncio holds tasks only weakly)."""
+        t = asyncio.create_task(coro)
         self._bg.add(t)
         t.add_done_callback(self._bg.discard)
 

@@ -1,5 +1,6 @@
 """Shared helpers: a real daemon (`rolloutd up` with real vLLM workers on the tiny model) as a fixture."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,13 +13,16 @@ import pytest
 from rolloutd.client import Client
 from rolloutd.models import prepare
 
-HEARTBEAT_S = 1.0
-# Missed heartbeats before a worker is declared lost. More than the product's 3: on the 2-core CI VMs the
-# host takes a virtual CPU away for seconds under vLLM load, and a healthy worker would be expired.
-LIVENESS = 5
+HEARTBEAT_S = 0.5
+# Missed heartbeats before a worker is declared lost: 12 s here, against the product's 3 intervals. On
+# the 2-core CI VMs a process is at times not scheduled for seconds while a vLLM CPU engine decodes (seen:
+# a healthy worker silent for 10 s while the broker ran), and it would be expired.
+LIVENESS = 24
 # Long enough that a generation is still running when a test aborts it, on a loaded 2-core machine
 # (~1k tokens/s a request) or an idle one (~6k).
 LONG = 30000
+# Every daemon and in-process engine of the tests takes prompts plus outputs this long: LONG fits.
+MODEL_LEN = LONG + 100
 
 
 def free_port() -> int:
@@ -38,7 +42,7 @@ def group_alive(pgid: int) -> bool:
 class Daemon:
     """`rolloutd up` in a subprocess, with its log in a file."""
 
-    def __init__(self, log_path, workers=2, extra=("--drain-s", "2"), max_model_len=4096):
+    def __init__(self, log_path, workers=2, extra=("--drain-s", "2"), max_model_len=MODEL_LEN):
         self.front = f"tcp://127.0.0.1:{free_port()}"
         self.back = f"tcp://127.0.0.1:{free_port()}"
         self.log_path = log_path
@@ -58,6 +62,17 @@ class Daemon:
     def tail(self, n=40) -> str:
         with open(self.log_path) as f:
             return "".join(f.readlines()[-n:])
+
+    def log_mark(self) -> int:
+        self.log.flush()
+        return os.path.getsize(self.log_path)
+
+    def broker_stalls_s(self, since: int) -> float:
+        """Seconds the broker logged as its own loop stalls after log_mark() `since`: it extends worker
+        liveness by them, so a worker's expiry comes that much later."""
+        with open(self.log_path, errors="replace") as f:
+            f.seek(since)
+            return sum(float(m) for m in re.findall(r"broker loop stalled ([0-9.]+) s", f.read()))
 
     def worker_pids(self) -> list[int]:
         with Client(self.front) as c:
@@ -86,7 +101,7 @@ def daemon(tmp_path_factory):
 @pytest.fixture(scope="module")
 def daemon1(tmp_path_factory):
     """One worker."""
-    d = Daemon(tmp_path_factory.mktemp("daemon1") / "up.log", workers=1, max_model_len=LONG + 100)
+    d = Daemon(tmp_path_factory.mktemp("daemon1") / "up.log", workers=1)
     yield d
     d.stop()
 
@@ -94,16 +109,20 @@ def daemon1(tmp_path_factory):
 class FreezeWatch:
     """Measures how long this process was frozen (its virtual CPU taken away by the host: seen here for up
     to 14 s while a vLLM CPU engine decodes on a 2-core VM) during a timed block, so timing assertions can
-    tell a slow rolloutd from a frozen machine. `frozen_s` is the longest oversleep of a 10 ms sleep."""
+    tell a slow rolloutd from a frozen machine. `frozen_s` is the longest oversleep of a 10 ms sleep,
+    `total_s` the sum of the oversleeps over 50 ms (several freezes in one block)."""
 
     def __enter__(self):
-        self.frozen_s, self._stop = 0.0, threading.Event()
+        self.frozen_s, self.total_s, self._stop = 0.0, 0.0, threading.Event()
 
         def watch():
             while not self._stop.is_set():
                 t = time.perf_counter()
                 time.sleep(0.01)
-                self.frozen_s = max(self.frozen_s, time.perf_counter() - t - 0.01)
+                late = time.perf_counter() - t - 0.01
+                self.frozen_s = max(self.frozen_s, late)
+                if late > 0.05:
+                    self.total_s += late
 
         self._t = threading.Thread(target=watch, daemon=True)
         self._t.start()
@@ -137,7 +156,7 @@ def inprocess_greedy(tmp_path, prompts, sampling, *engine_flags) -> list[list[in
     f = tmp_path / "prompts.json"
     f.write_text(json.dumps(prompts))
     out = subprocess.run([sys.executable, "-m", "rolloutd.inprocess", "--model", prepare("tiny"), "--prompts", str(f),
-                          "--sampling", json.dumps(sampling), "--max-model-len", "4096", "--sequential",
+                          "--sampling", json.dumps(sampling), "--max-model-len", str(MODEL_LEN), "--sequential",
                           *engine_flags], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return [samples[0] for samples in json.loads(out.stdout.strip().splitlines()[-1])["token_ids"]]

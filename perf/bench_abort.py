@@ -92,8 +92,10 @@ def main() -> None:
     from rolloutd.models import resolve
 
     model = resolve(a.model)
-    inproc = run_inprocess(model, a.inflight, a.repeat, a.after)
+    # The daemon's trials first, before this process imports vLLM: afterwards every full garbage collection
+    # of the client would walk vLLM's heap too (ms each), a cost of the in-process engine, not the daemon's.
     daemon = run_daemon(model, a.inflight, a.repeat, a.after)
+    inproc = run_inprocess(model, a.inflight, a.repeat, a.after)
     table = {}
     for k in a.inflight:
         table[k] = {

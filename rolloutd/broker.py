@@ -20,7 +20,7 @@ import zmq
 
 from . import config
 from . import protocol as p
-from .errors import Busy, ProtocolError, RolloutdError, ShuttingDown, WorkerLost
+from .errors import Busy, InternalError, ProtocolError, RolloutdError, ShuttingDown, WorkerLost
 
 log = logging.getLogger("rolloutd.broker")
 
@@ -312,21 +312,33 @@ class Broker:
         return req
 
     def _on_results(self, w: WorkerEntry, msg: p.Results, frames: list) -> None:
-        """A worker's batch of results: to each client its own, still as one message per client."""
+        """A worker's batch of results: to each client its own, still as one message per client. The
+        common case (all for one client) is forwarded as it came, without reading the samples."""
         try:
-            results = msg.split()
+            rids = msg.rids()
         except RolloutdError as e:
             log.warning("bad results batch from worker %s: %s", w.name, e)
             return
-        by_client: dict[bytes, list[p.Result]] = {}
-        for r in results:
-            req = self._close(r.rid)
-            if req is not None:
-                by_client.setdefault(req.client, []).append(r)
-        for client, rs in by_client.items():
-            if len(by_client) == 1 and len(rs) == len(results):
-                self.front.send_multipart([client, *frames])  # the common case: all for one client, as it came
-            else:
+        owners = {req.client for rid in rids if (req := self.requests.get(rid)) is not None}
+        if len(owners) == 1 and all(rid in self.requests for rid in rids):
+            for rid in rids:
+                self._close(rid)
+            self.front.send_multipart([owners.pop(), *frames])
+        else:
+            try:
+                msg.check_frames()
+                results = msg.split()
+            except RolloutdError as e:
+                log.warning("bad results batch from worker %s: %s", w.name, e)
+                for rid in rids:
+                    self._fail(rid, InternalError(f"worker {w.name} sent a bad result: {e}"))
+                return
+            by_client: dict[bytes, list[p.Result]] = {}
+            for r in results:
+                req = self._close(r.rid)
+                if req is not None:
+                    by_client.setdefault(req.client, []).append(r)
+            for client, rs in by_client.items():
                 self._to_client(client, p.Results.join(rs))
         self._drain_pending()
 

@@ -33,6 +33,8 @@ from .errors import BadRequest, ProtocolError
 TAG = b"RLD1"  # protocol name + version: a peer speaking another version is refused by name
 
 MAX_HEADER_BYTES = 1 << 20  # headers are small; a bigger one is garbage or abuse
+# ... except those that carry generated text (Tokens, Result, Results): n samples of long answers
+MAX_TEXT_HEADER_BYTES = 1 << 26
 MAX_FRAMES = 4 + 2 * 1024  # a result carries up to 2 frames per sample, n <= 1024
 MAX_FRAME_BYTES = 1 << 26  # 64 MiB: 16M prompt tokens; bulk weights never ride these sockets
 MAX_PROMPT_TOKENS = 1 << 20
@@ -73,6 +75,8 @@ class Cmd(IntEnum):
 class Message:
     CMD: ClassVar[Cmd]
     _fields: ClassVar[tuple]  # (name, checker, required, type text) per header field, set by _register
+
+    MAX_HEADER: ClassVar[int] = MAX_HEADER_BYTES
 
     frames: list = field(default_factory=list, kw_only=True)
 
@@ -162,6 +166,7 @@ class Tokens(Message):
     deltas[i] = [sample index, text delta]; frames[i] = that sample's new token ids (int32).
     """
     CMD = Cmd.TOKENS
+    MAX_HEADER = MAX_TEXT_HEADER_BYTES
     rid: str
     deltas: list[list]
 
@@ -183,6 +188,7 @@ class Result(Message):
     finish_reason is "stop", "length" or "abort" (an aborted request keeps what it had generated).
     """
     CMD = Cmd.RESULT
+    MAX_HEADER = MAX_TEXT_HEADER_BYTES
     rid: str
     worker: str
     weight_version: int
@@ -215,33 +221,66 @@ class Results(Message):
     """Worker -> broker -> client: several results at once, as a worker finishes them in one event-loop
     turn (an abort of 512 requests makes 512 at once); one message instead of hundreds through every hop.
 
-    items[i] = [rid, samples, prompt_tokens]; frames are those of each Result, one after the other.
-    split() and join() turn it into Result messages and back; the broker regroups them by client.
+    items[i] = [rid, samples, prompt_tokens], samples as in Result plus "tokens": that sample's count.
+    The bulk is packed, so that a batch costs a few frames at every hop, not one or two per sample:
+    frames[0] holds every sample's token ids (int32), item after item, sample after sample; frames[1],
+    present when any sample has logprobs, holds those samples' logprobs (float32) in the same order.
+    split() and join() turn it into Result messages and back (split's frames are views, not copies).
     """
     CMD = Cmd.RESULTS
+    MAX_HEADER = MAX_TEXT_HEADER_BYTES
     worker: str
     weight_version: int
     items: list[list]
 
+    def rids(self) -> list[str]:
+        """The request ids, without reading the samples (what the broker needs to route the batch)."""
+        rids = [it[0] if isinstance(it, list) and it else None for it in self.items]
+        if not all(isinstance(r, str) for r in rids):
+            raise ProtocolError("results: each item is [rid, [sample maps], prompt_tokens]")
+        return rids
+
     def check_frames(self) -> None:
+        total = lp_total = 0
+        any_lp = False
         for it in self.items:
             if (len(it) != 3 or not isinstance(it[0], str) or not isinstance(it[1], list)
                     or not all(isinstance(x, dict) for x in it[1]) or type(it[2]) is not int):
                 raise ProtocolError("results: each item is [rid, [sample maps], prompt_tokens]")
-        for r in self.split():
-            r.check_frames()
+            for s in it[1]:
+                k = s.get("tokens")
+                if type(k) is not int or k < 0:
+                    raise ProtocolError("results: each sample needs its token count (tokens)")
+                if not isinstance(s.get("text"), str) or not isinstance(s.get("finish_reason"), str):
+                    raise ProtocolError("results: each sample needs text and finish_reason strings")
+                total += k
+                if s.get("logprobs"):
+                    any_lp, lp_total = True, lp_total + k
+        want = 2 if any_lp else 1
+        if len(self.frames) != want:
+            raise ProtocolError(f"results: the samples need {want} frame(s), got {len(self.frames)}")
+        if _frame_len(self.frames[0], TOKEN_DTYPE, "token ids") != total:
+            raise ProtocolError(f"results: the samples count {total} token ids, the frame holds another number")
+        if any_lp and _frame_len(self.frames[1], LOGPROB_DTYPE, "logprobs") != lp_total:
+            raise ProtocolError(f"results: the samples count {lp_total} logprobs, the frame holds another number")
 
     def split(self) -> list[Result]:
-        out, i = [], 0
+        """One Result per item; call on a checked message (decode checks unless told not to)."""
+        ids = memoryview(self.frames[0])
+        lps = memoryview(self.frames[1]) if len(self.frames) > 1 else None
+        i = j = 0
+        out = []
         for rid, samples, prompt_tokens in self.items:
-            k = result_frames(samples)
-            if i + k > len(self.frames):
-                raise ProtocolError("results: fewer frames than the items need")
+            frames = []
+            for s in samples:
+                k = s["tokens"] * 4  # int32 and float32 alike
+                frames.append(ids[i:i + k])
+                i += k
+                if s.get("logprobs"):
+                    frames.append(lps[j:j + k])
+                    j += k
             out.append(Result(rid=rid, worker=self.worker, weight_version=self.weight_version, samples=samples,
-                              prompt_tokens=prompt_tokens, frames=self.frames[i:i + k]))
-            i += k
-        if i != len(self.frames):
-            raise ProtocolError("results: more frames than the items need")
+                              prompt_tokens=prompt_tokens, frames=frames))
         return out
 
     @staticmethod
@@ -249,10 +288,22 @@ class Results(Message):
         """One message for results of one worker (a lone result stays a plain Result)."""
         if len(results) == 1:
             return results[0]
+        items, ids, lps = [], [], []
+        any_lp = False
+        for r in results:
+            frames = iter(r.frames)
+            samples = []
+            for s in r.samples:
+                f = next(frames)
+                ids.append(f)
+                samples.append({**s, "tokens": len(f) // TOKEN_DTYPE.itemsize})
+                if s.get("logprobs"):
+                    any_lp = True
+                    lps.append(next(frames))
+            items.append([r.rid, samples, r.prompt_tokens])
         first = results[0]
-        return Results(worker=first.worker, weight_version=first.weight_version,
-                       items=[[r.rid, r.samples, r.prompt_tokens] for r in results],
-                       frames=[f for r in results for f in r.frames])
+        return Results(worker=first.worker, weight_version=first.weight_version, items=items,
+                       frames=[b"".join(ids), b"".join(lps)] if any_lp else [b"".join(ids)])
 
 
 @dataclass
@@ -386,8 +437,8 @@ def decode(frames: list, *, check_frames: bool = True) -> Message:
     if cls is None:
         raise ProtocolError(f"unknown command byte {head[4]}")
     raw = frames[1]
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"{cls.__name__} header of {len(raw)} bytes is over the limit of {MAX_HEADER_BYTES}")
+    if len(raw) > cls.MAX_HEADER:
+        raise ProtocolError(f"{cls.__name__} header of {len(raw)} bytes is over the limit of {cls.MAX_HEADER}")
     try:
         hdr = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types on garbage

@@ -13,6 +13,7 @@ and reconnects with back-off, READY again.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -35,8 +36,10 @@ _REABORT_TRIES = 20
 
 PAUSE_MODES = ("abort", "wait", "keep")
 
-# Frames in one batched results message: well inside the protocol's limit on frames per message.
-_MAX_BATCH_FRAMES = 1024
+# One batched results message holds at most this many results, and this many bytes of token ids and
+# text: a quarter of the protocol's limits on a frame and on a header.
+_MAX_BATCH_RESULTS = 1024
+_MAX_BATCH_BYTES = p.MAX_FRAME_BYTES // 4
 
 
 class Worker:
@@ -346,13 +349,14 @@ class Worker:
         self._outbox.append(msg)
 
     def _flush_results(self) -> None:
-        batch, frames = [], 0
+        batch, size = [], 0
         for r in self._outbox:
-            if batch and frames + len(r.frames) > _MAX_BATCH_FRAMES:
+            rsize = sum(len(f) for f in r.frames) + sum(len(x["text"]) for x in r.samples)
+            if batch and (len(batch) == _MAX_BATCH_RESULTS or size + rsize > _MAX_BATCH_BYTES):
                 self._send(p.Results.join(batch))
-                batch, frames = [], 0
+                batch, size = [], 0
             batch.append(r)
-            frames += len(r.frames)
+            size += rsize
         if batch:
             self._send(p.Results.join(batch))
         self._outbox = []
@@ -395,6 +399,10 @@ def run_worker(opts: eng.EngineOptions, broker: str, *, worker_id: str | None = 
 
     async def main() -> int:
         engine = eng.build_engine(opts)
+        # vLLM and torch leave millions of long-lived objects; a full collection walking them costs tens of
+        # ms at a random moment (say, amid an abort of 512 requests). Freeze them out of the collector.
+        gc.collect()
+        gc.freeze()
         try:
             w = Worker(engine, broker, worker_id=worker_id, model=opts.model, capacity=capacity,
                        weight_version=weight_version, heartbeat_s=heartbeat_s, liveness=liveness, drain_s=drain_s)

@@ -250,3 +250,17 @@ def test_a_results_batch_reaches_each_client_with_its_own(broker):
     assert got1.CMD is p.Cmd.RESULTS and sorted(r.rid for r in got1.split()) == ["one", "three"]
     assert got2.CMD is p.Cmd.RESULT and got2.rid == "two"
     assert broker.status()["requests"] == 0 and broker.status()["workers"][0]["inflight"] == 0
+
+
+def test_a_bad_results_batch_fails_its_requests_instead_of_dropping_them(broker):
+    w = FakeWorker(broker, "a")
+    c1, c2 = raw_client(broker), raw_client(broker)
+    c1.send_multipart(gen("bad-one"))
+    c2.send_multipart(gen("bad-two"))
+    gens = [w.next() for _ in range(2)]
+    items = [[g.rid, [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": False, "tokens": 5}], 0] for g in gens]
+    w.send(p.Results(worker="a", weight_version=0, items=items, frames=[p.pack_ids([1])]))  # 10 ids promised
+    got1, got2 = recv(c1), recv(c2)
+    assert (got1.CMD, got1.rid, got1.code) == (p.Cmd.ERROR, "bad-one", "internal")
+    assert (got2.CMD, got2.rid, got2.code) == (p.Cmd.ERROR, "bad-two", "internal")
+    assert broker.status()["requests"] == 0

@@ -135,15 +135,36 @@ def _result(rid, ids, lps=None):
 def test_results_batch_roundtrip_and_split():
     rs = [_result("a", [1, 2]), _result("b", [3], [-0.5]), _result("c", [])]
     batch = roundtrip(p.Results.join(rs))
-    assert isinstance(batch, p.Results) and len(batch.frames) == 4
-    assert [(r.rid, r.samples, r.prompt_tokens, [bytes(f) for f in r.frames]) for r in batch.split()] == \
+    # packed: every sample's ids in one frame, the logprobs in another, whatever the batch's size
+    assert isinstance(batch, p.Results) and [bytes(f) for f in batch.frames] == [p.pack_ids([1, 2, 3]), p.pack_logprobs([-0.5])]
+    assert batch.rids() == ["a", "b", "c"]
+    without_count = lambda samples: [{k: v for k, v in s.items() if k != "tokens"} for s in samples]
+    assert [(r.rid, without_count(r.samples), r.prompt_tokens, [bytes(f) for f in r.frames]) for r in batch.split()] == \
         [(r.rid, r.samples, r.prompt_tokens, r.frames) for r in rs]
     assert p.Results.join([rs[0]]) is rs[0]  # a lone result stays a plain Result
 
 
+def test_a_result_may_carry_more_text_than_a_command_header():
+    text = "x" * (p.MAX_HEADER_BYTES + 10)  # 16 samples of a long chain of thought
+    r = p.Result(rid="r", worker="w", weight_version=0, frames=[p.pack_ids([1])],
+                 samples=[{"index": 0, "text": text, "finish_reason": "stop", "logprobs": False}])
+    assert roundtrip(r).samples[0]["text"] == text
+    with pytest.raises(ProtocolError, match="over the limit"):
+        p.decode(p.encode(p.Status(cid="x" * (p.MAX_HEADER_BYTES + 10))))
+
+
+def _sample(tokens=1, **kw):
+    return {"text": "", "finish_reason": "stop", "tokens": tokens, **kw}
+
+
 @pytest.mark.parametrize("items,frames,match", [
-    ([["a", [{"text": "", "finish_reason": "stop"}], 0]], [], "fewer frames"),
-    ([["a", [{"text": "", "finish_reason": "stop"}], 0]], [b"", b""], "more frames"),
+    ([["a", [_sample()], 0]], [], "need 1 frame"),
+    ([["a", [_sample()], 0]], [p.pack_ids([1]), b""], "need 1 frame"),
+    ([["a", [_sample(logprobs=True)], 0]], [p.pack_ids([1])], "need 2 frame"),
+    ([["a", [_sample(2)], 0]], [p.pack_ids([1])], "count 2 token ids"),
+    ([["a", [_sample(1, logprobs=True)], 0]], [p.pack_ids([1]), p.pack_logprobs([1.0, 2.0])], "count 1 logprobs"),
+    ([["a", [_sample(-1)], 0]], [b""], "token count"),
+    ([["a", [{"text": "", "finish_reason": "stop"}], 0]], [b""], "token count"),
     ([["a", ["x"], 0]], [b""], "each item is"),
 ])
 def test_bad_results_batches_are_protocol_errors(items, frames, match):

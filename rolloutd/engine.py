@@ -139,15 +139,42 @@ def accumulate(states: dict[int, SampleState], out, want_logprobs: bool) -> list
     return step
 
 
+def _sample_map(i: int, st: SampleState, want_logprobs: bool) -> dict:
+    has_lp = want_logprobs and st.lps is not None and len(st.lps) == len(st.ids)
+    return {"index": i, "text": st.text, "finish_reason": st.finish_reason, "logprobs": has_lp}
+
+
 def result_message(rid: str, worker: str, version: int, states: dict[int, SampleState], n: int,
                    prompt_tokens: int, want_logprobs: bool) -> p.Result:
     samples, frames = [], []
     for i in range(n):
         st = states.get(i) or SampleState()
-        has_lp = want_logprobs and st.lps is not None and len(st.lps) == len(st.ids)
-        samples.append({"index": i, "text": st.text, "finish_reason": st.finish_reason, "logprobs": has_lp})
+        samples.append(s := _sample_map(i, st, want_logprobs))
         frames.append(p.pack_ids(st.ids))
-        if has_lp:
+        if s["logprobs"]:
             frames.append(p.pack_logprobs(st.lps))
     return p.Result(rid=rid, worker=worker, weight_version=version, samples=samples,
                     prompt_tokens=prompt_tokens, frames=frames)
+
+
+def results_message(worker: str, version: int, finished: list[tuple]) -> p.Message:
+    """One message for requests that finished together: finished[i] = (rid, states, n, prompt_tokens,
+    want_logprobs). Packs every sample's ids (and logprobs) straight into protocol.Results' one or two
+    frames: one array conversion for the batch instead of one per sample (512 aborted requests at once)."""
+    if len(finished) == 1:
+        rid, *rest = finished[0]
+        return result_message(rid, worker, version, *rest)
+    items, ids, lps = [], [], []
+    for rid, states, n, prompt_tokens, want_logprobs in finished:
+        samples = []
+        for i in range(n):
+            st = states.get(i) or SampleState()
+            samples.append(s := _sample_map(i, st, want_logprobs))
+            s["tokens"] = len(st.ids)
+            ids.extend(st.ids)
+            if s["logprobs"]:
+                lps.extend(st.lps)
+        items.append([rid, samples, prompt_tokens])
+    any_lp = any(s["logprobs"] for it in items for s in it[1])
+    frames = [p.pack_ids(ids)] + ([p.pack_logprobs(lps)] if any_lp else [])
+    return p.Results(worker=worker, weight_version=version, items=items, frames=frames)

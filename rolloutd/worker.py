@@ -77,7 +77,7 @@ class Worker:
         self._session_over: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bg: set[asyncio.Task] = set()  # control tasks, kept referenced until done
-        self._outbox: list[p.Result] = []  # results of this event-loop turn, sent together after it
+        self._outbox: list[tuple] = []  # requests finished in this event-loop turn, sent together after it
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
@@ -323,7 +323,7 @@ class Worker:
                 if msg.stream and step:
                     self._send(p.Tokens(rid=rid, deltas=[[i, t] for i, _, t in step],
                                         frames=[p.pack_ids(new) for _, new, _ in step]))
-            self._queue_result(eng.result_message(rid, self.id, self.weight_version, states, msg.n, len(ids), want_lp))
+            self._queue_result((rid, states, msg.n, len(ids), want_lp))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -342,23 +342,24 @@ class Worker:
         finally:
             self.tasks.pop(rid, None)
 
-    def _queue_result(self, msg: p.Result) -> None:
-        """Results finished in one event-loop turn leave together, as one message (see protocol.Results)."""
+    def _queue_result(self, finished: tuple) -> None:
+        """Requests finished in one event-loop turn leave together, as one message (see protocol.Results):
+        finished = (rid, sample states, n, prompt tokens, want logprobs)."""
         if not self._outbox:
             self._loop.call_soon(self._flush_results)
-        self._outbox.append(msg)
+        self._outbox.append(finished)
 
     def _flush_results(self) -> None:
         batch, size = [], 0
-        for r in self._outbox:
-            rsize = sum(len(f) for f in r.frames) + sum(len(x["text"]) for x in r.samples)
-            if batch and (len(batch) == _MAX_BATCH_RESULTS or size + rsize > _MAX_BATCH_BYTES):
-                self._send(p.Results.join(batch))
+        for f in self._outbox:
+            fsize = sum(5 * len(st.ids) + len(st.text) for st in f[1].values())  # ids, logprobs, text
+            if batch and (len(batch) == _MAX_BATCH_RESULTS or size + fsize > _MAX_BATCH_BYTES):
+                self._send(eng.results_message(self.id, self.weight_version, batch))
                 batch, size = [], 0
-            batch.append(r)
-            size += rsize
+            batch.append(f)
+            size += fsize
         if batch:
-            self._send(p.Results.join(batch))
+            self._send(eng.results_message(self.id, self.weight_version, batch))
         self._outbox = []
 
     def _prompt_ids(self, msg: p.Generate) -> list[int]:

@@ -170,3 +170,23 @@ def _sample(tokens=1, **kw):
 def test_bad_results_batches_are_protocol_errors(items, frames, match):
     with pytest.raises(ProtocolError, match=match):
         p.decode(p.encode(p.Results(worker="w", weight_version=0, items=items, frames=frames)))
+
+
+def test_a_workers_packed_batch_splits_into_the_results_it_would_send_one_by_one():
+    from rolloutd import engine as eng
+
+    def state(ids, text, reason, lps=None):
+        st = eng.SampleState()
+        st.ids, st.text, st.finish_reason, st.lps = ids, text, reason, lps
+        return st
+
+    finished = [("a", {0: state([1, 2], "ab", "abort"), 1: state([3], "c", "length")}, 2, 4, False),
+                ("b", {0: state([5, 6, 7], "xyz", "stop", [-0.1, -0.2, -0.3])}, 1, 2, True),
+                ("c", {}, 1, 1, False)]  # aborted before its first token
+    batch = roundtrip(eng.results_message("w", 3, finished))
+    one_by_one = [eng.result_message(rid, "w", 3, *rest) for rid, *rest in finished]
+    without_count = lambda samples: [{k: v for k, v in s.items() if k != "tokens"} for s in samples]
+    assert [(r.rid, without_count(r.samples), r.prompt_tokens, r.weight_version, [bytes(f) for f in r.frames])
+            for r in batch.split()] == \
+        [(r.rid, r.samples, r.prompt_tokens, r.weight_version, r.frames) for r in one_by_one]
+    assert isinstance(eng.results_message("w", 3, finished[:1]), p.Result)

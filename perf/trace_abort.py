@@ -1,0 +1,158 @@
+"""Where an abort-all's time goes: a timeline across client, broker and worker, per trial.
+
+    python perf/trace_abort.py --inflight 512 --repeat 6
+
+Starts a broker and one worker of its own, each with a few of its methods wrapped to record when they
+ran (time.perf_counter is CLOCK_MONOTONIC, so the three processes share a clock), plus every garbage
+collection. Each trial starts k long generations, aborts them all after --after s, and prints, in ms
+from the abort call: when the worker got the abort, how long vLLM's abort took, when the requests' tasks
+finished, when the batch left the worker, when the broker forwarded it, and when the client had it all.
+A diagnostic, not a benchmark: the wrappers add a little to every step (bench_abort.py has the figures).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+EVENTS: list = []  # (what, start, end, note)
+
+
+def record(obj, name: str, what: str, note=None) -> None:
+    """Wrap obj.name (function or coroutine function) to append (what, start, end, note(*args))."""
+    f = getattr(obj, name)
+    if asyncio.iscoroutinefunction(f):
+        async def wrapped(*a, **k):
+            t = time.perf_counter()
+            r = await f(*a, **k)
+            EVENTS.append((what, t, time.perf_counter(), note(*a) if note else None))
+            return r
+    else:
+        def wrapped(*a, **k):
+            t, c = time.perf_counter(), time.thread_time()
+            r = f(*a, **k)
+            # the note of a plain function is its CPU time (ms): wall minus CPU is time not scheduled
+            EVENTS.append((what, t, time.perf_counter(), note(*a) if note else round((time.thread_time() - c) * 1e3, 2)))
+            return r
+    setattr(obj, name, functools.wraps(f)(wrapped))
+
+
+def record_gc() -> None:
+    started = [0.0]
+
+    def cb(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            EVENTS.append((f"gc{info['generation']}", started[0], time.perf_counter(), None))
+    gc.callbacks.append(cb)
+
+
+def serve(role: str, out: str, argv: list[str]) -> int:
+    """Run `rolloutd broker|worker` with its hot path recorded; the timeline is written at exit."""
+    import atexit
+
+    if role == "worker":
+        from rolloutd import worker as W
+        record(W.Worker, "_on_message", "worker got a message", lambda self, frames: len(frames))
+        record(W.Worker, "_handle_control", "worker: vLLM abort")
+        record(W.Worker, "_queue_result", "worker: a request's task ended")
+        record(W.Worker, "_flush_results", "worker: batch packed and sent")
+    else:
+        from rolloutd import broker as B
+        record(B.Broker, "_on_client", "broker: client message")
+        record(B.Broker, "_on_worker", "broker: worker message")
+    record_gc()
+    atexit.register(lambda: json.dump(EVENTS, open(out, "w")))
+    from rolloutd.cli import main
+    return main(argv)
+
+
+def summary(events: list, t0: float, t1: float) -> list[str]:
+    lines, seen = [], {}
+    for what, s, e, note in events:
+        if t0 - 1e-3 <= s <= t1 + 1e-3:
+            seen.setdefault(what, []).append((s, e, note))
+    for what, xs in seen.items():
+        first, last = (xs[0][0] - t0) * 1e3, (xs[-1][1] - t0) * 1e3
+        busy = sum(e - s for s, e, _ in xs) * 1e3
+        notes = [n for *_, n in xs if n is not None][:4]
+        lines.append(f"  {what:32s} x{len(xs):<4d} from {first:7.2f} to {last:7.2f}  wall {busy:6.2f}"
+                     + (f"  notes {notes}" if notes else ""))
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--inflight", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=6)
+    ap.add_argument("--after", type=float, default=0.5)
+    if sys.argv[1:2] == ["--role"]:  # internal: --role broker|worker --out FILE <rolloutd arguments>
+        sys.exit(serve(sys.argv[2], sys.argv[4], sys.argv[5:]))
+    a = ap.parse_args()
+
+    from common import free_port
+    from rolloutd import AsyncClient, Client
+    from rolloutd import client as C
+    from rolloutd.models import resolve
+
+    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    tmp = tempfile.mkdtemp(prefix="trace-abort-")
+    me = [sys.executable, os.path.abspath(__file__)]
+    log = open(os.path.join(tmp, "daemon.log"), "w")
+    procs = [
+        subprocess.Popen([*me, "--role", "broker", "--out", f"{tmp}/broker.json", "--log-level", "WARNING",
+                          "broker", "--front", front, "--back", back], stdout=log, stderr=log),
+        subprocess.Popen([*me, "--role", "worker", "--out", f"{tmp}/worker.json", "--log-level", "WARNING",
+                          "worker", "--broker", back, "--model", resolve(a.model)], stdout=log, stderr=log),
+    ]
+    record(C.AsyncClient, "_on_readable", "client: read and split")
+    record(C, "from_message", "client: Result built")
+    record_gc()
+    sampling = {"max_tokens": 4000, "ignore_eos": True, "temperature": 1.0}
+    prompts = [[5 + (i * 13 + j) % 400 for j in range(8)] for i in range(a.inflight)]
+
+    async def trials():
+        out = []
+        async with AsyncClient(front, timeout=600) as c:
+            for _ in range(a.repeat):
+                task = asyncio.create_task(c.generate(prompts, **sampling))
+                await asyncio.sleep(a.after)
+                EVENTS.clear()
+                t0 = time.perf_counter()
+                await c.abort_all()
+                t_reply = time.perf_counter()
+                await task
+                out.append((t0, t_reply, time.perf_counter(), list(EVENTS)))
+                await asyncio.sleep(0.2)
+        return out
+
+    try:
+        with Client(front) as c:
+            c.wait_for_workers(1, timeout=600)
+        runs = asyncio.run(trials())
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(120)
+    worker = json.load(open(f"{tmp}/worker.json"))
+    broker = json.load(open(f"{tmp}/broker.json"))
+    for t0, t_reply, t_end, client in runs:
+        print(f"--- {a.inflight} in flight: last result at {(t_end - t0) * 1e3:.2f} ms, abort reply at "
+              f"{(t_reply - t0) * 1e3:.2f} ms (ms from the abort call; notes: CPU ms or frames)")
+        for events in (worker, broker, client):
+            print("\n".join(summary(events, t0, t_end)))
+
+
+if __name__ == "__main__":
+    main()

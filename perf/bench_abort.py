@@ -5,7 +5,9 @@ against the same engine's in-process abort, same run, with 64, 256 and 512 reque
 
 Each trial starts k long generations (ignore_eos), lets them run --after seconds, then aborts them all and
 waits for every one to come back. In-process: AsyncLLM.abort on all request ids, until every generate()
-stream has ended. Daemon: AsyncClient.abort_all(), until the generate() call has every result.
+stream has ended. Daemon: AsyncClient.abort_all(), until the generate() call has every result (their
+ids as numpy arrays over the received message); the time to then turn every result's ids into a Python
+list is reported beside it (daemon_then_token_lists_ms).
 Writes perf/results/abort.json and abort.png.
 """
 from __future__ import annotations
@@ -74,8 +76,13 @@ def run_daemon(model: str, sizes, repeat: int, after: float) -> dict:
                     await c.abort_all()
                     results = await task
                     took = time.perf_counter() - t0
+                    # Results hold their ids as arrays over the message; the Python lists (what the
+                    # in-process side gets from vLLM) are made on first use: timed apart, reported too
+                    t1 = time.perf_counter()
+                    with_tokens = sum(1 for r in results if r.token_ids)
+                    lists = time.perf_counter() - t1
                     assert all(r.finish_reason == "abort" for r in results)
-                    res[k].append((took, sum(1 for r in results if r.token_ids)))
+                    res[k].append((took, with_tokens, lists))
         return res
 
     with Daemon(model, workers=1) as d:
@@ -100,9 +107,10 @@ def main() -> None:
     for k in a.inflight:
         table[k] = {
             "inprocess_ms": {q: v * 1e3 for q, v in percentiles([t for t, _ in inproc[k]]).items() if q != "n"},
-            "daemon_ms": {q: v * 1e3 for q, v in percentiles([t for t, _ in daemon[k]]).items() if q != "n"},
+            "daemon_ms": {q: v * 1e3 for q, v in percentiles([t for t, *_ in daemon[k]]).items() if q != "n"},
             "with_tokens_inprocess": [n for _, n in inproc[k]],
-            "with_tokens_daemon": [n for _, n in daemon[k]],
+            "with_tokens_daemon": [n for _, n, _ in daemon[k]],
+            "daemon_then_token_lists_ms": {q: v * 1e3 for q, v in percentiles([l for _, _, l in daemon[k]]).items() if q != "n"},
         }
         table[k]["daemon_over_inprocess_p50"] = table[k]["daemon_ms"]["p50"] / table[k]["inprocess_ms"]["p50"]
     result = save("abort", {"repeat": a.repeat, "after_s": a.after, "inflight": table,

@@ -30,7 +30,7 @@ import zmq
 from . import config
 from . import protocol as p
 from .errors import BadRequest, BrokerUnreachable, RequestTimeout, RolloutdError, from_code
-from .results import Delta, Result, deltas_from_message, from_message
+from .results import Delta, Result, deltas_from_message, from_batch, from_message
 
 DEFAULT_TIMEOUT_S = 600.0
 CONNECT_TIMEOUT_S = 5.0
@@ -170,16 +170,21 @@ class Client(_Base):
             msg = self._recv(deadline)
             if msg is None:
                 raise self._timed_out(f"generate of {len(rids)} prompt(s)", list(waiting))
-            for m in (msg.split() if msg.CMD is p.Cmd.RESULTS else (msg,)):
-                rid = getattr(m, "rid", None)
-                if rid not in waiting:
-                    continue  # a late answer to an earlier call
-                if m.CMD is p.Cmd.RESULT:
-                    results[rid] = from_message(m)
-                    waiting.discard(rid)
-                elif m.CMD is p.Cmd.ERROR:
-                    errors[rid] = _error(m)
-                    waiting.discard(rid)
+            if msg.CMD is p.Cmd.RESULTS:
+                for r in from_batch(msg):
+                    if r.request_id in waiting:  # else a late answer to an earlier call
+                        results[r.request_id] = r
+                        waiting.discard(r.request_id)
+                continue
+            rid = getattr(msg, "rid", None)
+            if rid not in waiting:
+                continue  # a late answer to an earlier call
+            if msg.CMD is p.Cmd.RESULT:
+                results[rid] = from_message(msg)
+                waiting.discard(rid)
+            elif msg.CMD is p.Cmd.ERROR:
+                errors[rid] = _error(msg)
+                waiting.discard(rid)
         return _finish(rids, results, errors)
 
     def stream(self, prompt, *, timeout: float | None = None, request_id: str | None = None,
@@ -340,10 +345,12 @@ class AsyncClient(_Base):
                 msg = p.decode(frames)
             except RolloutdError:
                 continue
-            self._parked.extend(msg.split() if msg.CMD is p.Cmd.RESULTS else (msg,))
+            self._parked.extend(from_batch(msg) if msg.CMD is p.Cmd.RESULTS else (msg,))
 
-    def _deliver(self, msg: p.Message) -> bool:
-        w = self._waiters.get(getattr(msg, "rid", None) or getattr(msg, "cid", None))
+    def _deliver(self, msg: p.Message | Result) -> bool:
+        """Hand a message (or a Result of a batch) to whoever waits for its id; False: a full stream queue."""
+        key = msg.request_id if isinstance(msg, Result) else getattr(msg, "rid", None) or getattr(msg, "cid", None)
+        w = self._waiters.get(key)
         if isinstance(w, asyncio.Queue):
             if w.full():
                 return False
@@ -376,7 +383,9 @@ class AsyncClient(_Base):
         done, late = await self._wait(futs, deadline)
         results, errors = {}, {}
         for rid, msg in done.items():
-            if msg.CMD is p.Cmd.RESULT:
+            if isinstance(msg, Result):  # it came in a batch
+                results[rid] = msg
+            elif msg.CMD is p.Cmd.RESULT:
                 results[rid] = from_message(msg)
             else:
                 errors[rid] = _error(msg)
@@ -403,6 +412,9 @@ class AsyncClient(_Base):
                     raise RequestTimeout("stream did not finish in time", request_id=msg.rid) from None
                 if self._parked:
                     self._loop.call_soon(self._on_readable)  # room again: take up reading
+                if isinstance(m, Result):  # it came in a batch
+                    yield m
+                    return
                 if m.CMD is p.Cmd.TOKENS:
                     for d in deltas_from_message(m):
                         yield d

@@ -4,6 +4,7 @@ sleep/wake_up, collective_rpc and worker_extension_cls. Anything newer is gated 
 """
 from __future__ import annotations
 
+import array
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -159,12 +160,13 @@ def result_message(rid: str, worker: str, version: int, states: dict[int, Sample
 
 def results_message(worker: str, version: int, finished: list[tuple]) -> p.Message:
     """One message for requests that finished together: finished[i] = (rid, states, n, prompt_tokens,
-    want_logprobs). Packs every sample's ids (and logprobs) straight into protocol.Results' one or two
-    frames: one array conversion for the batch instead of one per sample (512 aborted requests at once)."""
+    want_logprobs). Packs every sample's ids (and logprobs) straight into protocol.Results' frames, one
+    conversion for the batch instead of one per sample (512 aborted requests at once)."""
     if len(finished) == 1:
         rid, *rest = finished[0]
         return result_message(rid, worker, version, *rest)
-    items, ids, lps = [], [], []
+    rids, items, ids, lps = [], [], array.array("i"), array.array("f")
+    any_lp = False
     for rid, states, n, prompt_tokens, want_logprobs in finished:
         samples = []
         for i in range(n):
@@ -173,8 +175,8 @@ def results_message(worker: str, version: int, finished: list[tuple]) -> p.Messa
             s["tokens"] = len(st.ids)
             ids.extend(st.ids)
             if s["logprobs"]:
+                any_lp = True
                 lps.extend(st.lps)
-        items.append([rid, samples, prompt_tokens])
-    any_lp = any(s["logprobs"] for it in items for s in it[1])
-    frames = [p.pack_ids(ids)] + ([p.pack_logprobs(lps)] if any_lp else [])
-    return p.Results(worker=worker, weight_version=version, items=items, frames=frames)
+        rids.append(rid)
+        items.append([samples, prompt_tokens])
+    return p.Results.pack(worker, version, rids, items, p.pack_ids(ids), p.pack_logprobs(lps) if any_lp else None)

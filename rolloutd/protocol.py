@@ -17,6 +17,7 @@ import, so a new message cannot be half-added.
 """
 from __future__ import annotations
 
+import array
 import dataclasses
 import sys
 import types
@@ -221,33 +222,42 @@ class Results(Message):
     """Worker -> broker -> client: several results at once, as a worker finishes them in one event-loop
     turn (an abort of 512 requests makes 512 at once); one message instead of hundreds through every hop.
 
-    items[i] = [rid, samples, prompt_tokens], samples as in Result plus "tokens": that sample's count.
-    The bulk is packed, so that a batch costs a few frames at every hop, not one or two per sample:
-    frames[0] holds every sample's token ids (int32), item after item, sample after sample; frames[1],
-    present when any sample has logprobs, holds those samples' logprobs (float32) in the same order.
-    split() and join() turn it into Result messages and back (split's frames are views, not copies).
+    The header holds only what routes the batch: rids[i] names item i, and the broker reads nothing else.
+    The rest is packed so that a batch costs a few frames at every hop, not one or two per sample:
+    frames[0] is a msgpack list with, per item, [samples, prompt_tokens] (samples as in Result, plus
+    "tokens": that sample's count); frames[1] holds every sample's token ids (int32), item after item,
+    sample after sample; frames[2], present when any sample has logprobs, holds those samples' logprobs
+    (float32) in the same order. split() and join() turn it into Result messages and back.
     """
     CMD = Cmd.RESULTS
-    MAX_HEADER = MAX_TEXT_HEADER_BYTES
     worker: str
     weight_version: int
-    items: list[list]
+    rids: list[str]
 
-    def rids(self) -> list[str]:
-        """The request ids, without reading the samples (what the broker needs to route the batch)."""
-        rids = [it[0] if isinstance(it, list) and it else None for it in self.items]
-        if not all(isinstance(r, str) for r in rids):
-            raise ProtocolError("results: each item is [rid, [sample maps], prompt_tokens]")
-        return rids
+    def items(self) -> list[list]:
+        """[[samples, prompt_tokens], ...] from frames[0], unpacked once; ProtocolError if malformed."""
+        items = self.__dict__.get("_items")
+        if items is None:
+            if not self.frames or len(self.frames[0]) > MAX_TEXT_HEADER_BYTES:
+                raise ProtocolError("results: the items frame is missing or over the limit")
+            try:
+                items = msgpack.unpackb(self.frames[0], raw=False, use_list=True, strict_map_key=True)
+            except Exception as e:  # msgpack raises several unrelated types on garbage
+                raise ProtocolError(f"results: the items frame is not valid msgpack ({type(e).__name__})") from None
+            if not isinstance(items, list) or len(items) != len(self.rids):
+                raise ProtocolError(f"results: {len(self.rids)} rids need as many items")
+            for it in items:
+                if (not isinstance(it, list) or len(it) != 2 or not isinstance(it[0], list)
+                        or not all(isinstance(x, dict) for x in it[0]) or type(it[1]) is not int):
+                    raise ProtocolError("results: each item is [[sample maps], prompt_tokens]")
+            self.__dict__["_items"] = items
+        return items
 
     def check_frames(self) -> None:
         total = lp_total = 0
         any_lp = False
-        for it in self.items:
-            if (len(it) != 3 or not isinstance(it[0], str) or not isinstance(it[1], list)
-                    or not all(isinstance(x, dict) for x in it[1]) or type(it[2]) is not int):
-                raise ProtocolError("results: each item is [rid, [sample maps], prompt_tokens]")
-            for s in it[1]:
+        for samples, _ in self.items():
+            for s in samples:
                 k = s.get("tokens")
                 if type(k) is not int or k < 0:
                     raise ProtocolError("results: each sample needs its token count (tokens)")
@@ -256,21 +266,21 @@ class Results(Message):
                 total += k
                 if s.get("logprobs"):
                     any_lp, lp_total = True, lp_total + k
-        want = 2 if any_lp else 1
+        want = 3 if any_lp else 2
         if len(self.frames) != want:
-            raise ProtocolError(f"results: the samples need {want} frame(s), got {len(self.frames)}")
-        if _frame_len(self.frames[0], TOKEN_DTYPE, "token ids") != total:
+            raise ProtocolError(f"results: the samples need {want} frames, got {len(self.frames)}")
+        if _frame_len(self.frames[1], TOKEN_DTYPE, "token ids") != total:
             raise ProtocolError(f"results: the samples count {total} token ids, the frame holds another number")
-        if any_lp and _frame_len(self.frames[1], LOGPROB_DTYPE, "logprobs") != lp_total:
+        if any_lp and _frame_len(self.frames[2], LOGPROB_DTYPE, "logprobs") != lp_total:
             raise ProtocolError(f"results: the samples count {lp_total} logprobs, the frame holds another number")
 
     def split(self) -> list[Result]:
-        """One Result per item; call on a checked message (decode checks unless told not to)."""
-        ids = memoryview(self.frames[0])
-        lps = memoryview(self.frames[1]) if len(self.frames) > 1 else None
+        """One Result per item (its frames are views, not copies); call on a checked message."""
+        ids = memoryview(self.frames[1])
+        lps = memoryview(self.frames[2]) if len(self.frames) > 2 else None
         i = j = 0
         out = []
-        for rid, samples, prompt_tokens in self.items:
+        for rid, (samples, prompt_tokens) in zip(self.rids, self.items()):
             frames = []
             for s in samples:
                 k = s["tokens"] * 4  # int32 and float32 alike
@@ -282,6 +292,13 @@ class Results(Message):
             out.append(Result(rid=rid, worker=self.worker, weight_version=self.weight_version, samples=samples,
                               prompt_tokens=prompt_tokens, frames=frames))
         return out
+
+    @staticmethod
+    def pack(worker: str, weight_version: int, rids: list[str], items: list[list], ids: bytes,
+             logprobs: bytes | None) -> Results:
+        """Results from its parts: items as in items(), ids and logprobs already packed."""
+        frames = [_packb(items), ids] + ([logprobs] if logprobs is not None else [])
+        return Results(worker=worker, weight_version=weight_version, rids=rids, frames=frames)
 
     @staticmethod
     def join(results: list[Result]) -> Message:
@@ -300,10 +317,10 @@ class Results(Message):
                 if s.get("logprobs"):
                     any_lp = True
                     lps.append(next(frames))
-            items.append([r.rid, samples, r.prompt_tokens])
+            items.append([samples, r.prompt_tokens])
         first = results[0]
-        return Results(worker=first.worker, weight_version=first.weight_version, items=items,
-                       frames=[b"".join(ids), b"".join(lps)] if any_lp else [b"".join(ids)])
+        return Results.pack(first.worker, first.weight_version, [r.rid for r in results], items, b"".join(ids),
+                            b"".join(lps) if any_lp else None)
 
 
 @dataclass
@@ -529,8 +546,15 @@ def _frame_len(frame, dtype: np.dtype, what: str) -> int:
 
 # ------------------------------------------------------------------------------------------ bulk helpers
 
+# array.array converts a list of Python numbers in one C loop, faster than numpy does; where the machine's
+# C int or float is not the wire's little-endian int32/float32, numpy takes over.
+_ARRAY_OK = sys.byteorder == "little" and array.array("i").itemsize == 4 and array.array("f").itemsize == 4
+
+
 def pack_ids(ids) -> bytes:
-    """Token ids (list, tuple or array) as one little-endian int32 frame."""
+    """Token ids (list, tuple, array.array("i") or numpy array) as one little-endian int32 frame."""
+    if _ARRAY_OK and isinstance(ids, (list, array.array)):
+        return (ids if isinstance(ids, array.array) else array.array("i", ids)).tobytes()
     return np.asarray(ids, dtype=TOKEN_DTYPE).tobytes()
 
 
@@ -539,6 +563,8 @@ def unpack_ids(frame) -> list[int]:
 
 
 def pack_logprobs(lps) -> bytes:
+    if _ARRAY_OK and isinstance(lps, (list, array.array)):
+        return (lps if isinstance(lps, array.array) else array.array("f", lps)).tobytes()
     return np.asarray(lps, dtype=LOGPROB_DTYPE).tobytes()
 
 

@@ -3,16 +3,51 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import protocol as p
 
 
-@dataclass
 class Sample:
-    index: int
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "stop", "length" or "abort"
-    logprobs: list[float] | None = None  # of each sampled token, when asked for
+    """One of a prompt's n completions.
+
+    token_ids / logprobs are Python lists, made on first use; token_array / logprob_array are the same
+    numbers as read-only numpy arrays (int32 / float32) over the received message, with no copy: what a
+    trainer turning rollouts into tensors wants, and why 512 results arriving at once cost no per-token work.
+    """
+    __slots__ = ("index", "text", "finish_reason", "token_array", "logprob_array", "_ids", "_lps")
+
+    def __init__(self, index: int, token_ids, text: str, finish_reason: str, logprobs=None):
+        self.index = index
+        self.text = text
+        self.finish_reason = finish_reason  # "stop", "length" or "abort"
+        self.token_array = np.asarray(token_ids, dtype=p.TOKEN_DTYPE)
+        self.logprob_array = None if logprobs is None else np.asarray(logprobs, dtype=p.LOGPROB_DTYPE)
+        self._ids = token_ids if isinstance(token_ids, list) else None
+        self._lps = logprobs if isinstance(logprobs, list) else None
+
+    @property
+    def token_ids(self) -> list[int]:
+        if self._ids is None:
+            self._ids = self.token_array.tolist()
+        return self._ids
+
+    @property
+    def logprobs(self) -> list[float] | None:
+        """Of each sampled token, when asked for."""
+        if self._lps is None and self.logprob_array is not None:
+            self._lps = self.logprob_array.tolist()
+        return self._lps
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sample):
+            return NotImplemented
+        return ((self.index, self.text, self.finish_reason, self.token_ids, self.logprobs)
+                == (other.index, other.text, other.finish_reason, other.token_ids, other.logprobs))
+
+    def __repr__(self) -> str:
+        return (f"Sample(index={self.index}, tokens={len(self.token_array)}, finish_reason={self.finish_reason!r}, "
+                f"text={self.text[:40]!r}{'...' if len(self.text) > 40 else ''})")
 
 
 @dataclass
@@ -28,6 +63,10 @@ class Result:
     @property
     def token_ids(self) -> list[int]:
         return self.samples[0].token_ids
+
+    @property
+    def token_array(self) -> np.ndarray:
+        return self.samples[0].token_array
 
     @property
     def text(self) -> str:
@@ -55,11 +94,33 @@ def from_message(msg: p.Result) -> Result:
     samples = []
     frames = iter(msg.frames)
     for s in msg.samples:
-        ids = p.unpack_ids(next(frames))
-        lps = p.unpack_logprobs(next(frames)) if s.get("logprobs") else None
+        ids = np.frombuffer(next(frames), dtype=p.TOKEN_DTYPE)
+        lps = np.frombuffer(next(frames), dtype=p.LOGPROB_DTYPE) if s.get("logprobs") else None
         samples.append(Sample(s.get("index", len(samples)), ids, s["text"], s["finish_reason"], lps))
     samples.sort(key=lambda s: s.index)
     return Result(msg.rid, samples, msg.weight_version, msg.worker, msg.prompt_tokens)
+
+
+def from_batch(msg: p.Results) -> list[Result]:
+    """Every Result of a (checked) Results message, each sample a view into the batch's frames."""
+    ids = np.frombuffer(msg.frames[1], dtype=p.TOKEN_DTYPE)
+    lps = np.frombuffer(msg.frames[2], dtype=p.LOGPROB_DTYPE) if len(msg.frames) > 2 else None
+    i = j = 0
+    out = []
+    for rid, (smaps, prompt_tokens) in zip(msg.rids, msg.items()):
+        samples = []
+        for s in smaps:
+            k = s["tokens"]
+            lp = None
+            if s.get("logprobs"):
+                lp = lps[j:j + k]
+                j += k
+            samples.append(Sample(s.get("index", len(samples)), ids[i:i + k], s["text"], s["finish_reason"], lp))
+            i += k
+        if len(samples) > 1:
+            samples.sort(key=lambda s: s.index)
+        out.append(Result(rid, samples, msg.weight_version, msg.worker, prompt_tokens))
+    return out
 
 
 def deltas_from_message(msg: p.Tokens) -> list[Delta]:

@@ -258,8 +258,8 @@ def test_a_bad_results_batch_fails_its_requests_instead_of_dropping_them(broker)
     c1.send_multipart(gen("bad-one"))
     c2.send_multipart(gen("bad-two"))
     gens = [w.next() for _ in range(2)]
-    items = [[g.rid, [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": False, "tokens": 5}], 0] for g in gens]
-    w.send(p.Results(worker="a", weight_version=0, items=items, frames=[p.pack_ids([1])]))  # 10 ids promised
+    items = [[[{"index": 0, "text": "", "finish_reason": "stop", "logprobs": False, "tokens": 5}], 0] for g in gens]
+    w.send(p.Results.pack("a", 0, [g.rid for g in gens], items, p.pack_ids([1]), None))  # 10 ids promised
     got1, got2 = recv(c1), recv(c2)
     assert (got1.CMD, got1.rid, got1.code) == (p.Cmd.ERROR, "bad-one", "internal")
     assert (got2.CMD, got2.rid, got2.code) == (p.Cmd.ERROR, "bad-two", "internal")

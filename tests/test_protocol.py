@@ -136,8 +136,8 @@ def test_results_batch_roundtrip_and_split():
     rs = [_result("a", [1, 2]), _result("b", [3], [-0.5]), _result("c", [])]
     batch = roundtrip(p.Results.join(rs))
     # packed: every sample's ids in one frame, the logprobs in another, whatever the batch's size
-    assert isinstance(batch, p.Results) and [bytes(f) for f in batch.frames] == [p.pack_ids([1, 2, 3]), p.pack_logprobs([-0.5])]
-    assert batch.rids() == ["a", "b", "c"]
+    assert isinstance(batch, p.Results) and [bytes(f) for f in batch.frames[1:]] == [p.pack_ids([1, 2, 3]), p.pack_logprobs([-0.5])]
+    assert batch.rids == ["a", "b", "c"]
     without_count = lambda samples: [{k: v for k, v in s.items() if k != "tokens"} for s in samples]
     assert [(r.rid, without_count(r.samples), r.prompt_tokens, [bytes(f) for f in r.frames]) for r in batch.split()] == \
         [(r.rid, r.samples, r.prompt_tokens, r.frames) for r in rs]
@@ -158,18 +158,21 @@ def _sample(tokens=1, **kw):
 
 
 @pytest.mark.parametrize("items,frames,match", [
-    ([["a", [_sample()], 0]], [], "need 1 frame"),
-    ([["a", [_sample()], 0]], [p.pack_ids([1]), b""], "need 1 frame"),
-    ([["a", [_sample(logprobs=True)], 0]], [p.pack_ids([1])], "need 2 frame"),
-    ([["a", [_sample(2)], 0]], [p.pack_ids([1])], "count 2 token ids"),
-    ([["a", [_sample(1, logprobs=True)], 0]], [p.pack_ids([1]), p.pack_logprobs([1.0, 2.0])], "count 1 logprobs"),
-    ([["a", [_sample(-1)], 0]], [b""], "token count"),
-    ([["a", [{"text": "", "finish_reason": "stop"}], 0]], [b""], "token count"),
-    ([["a", ["x"], 0]], [b""], "each item is"),
+    ([[[_sample()], 0]], [], "need 2 frames"),
+    ([[[_sample()], 0]], [p.pack_ids([1]), b""], "need 2 frames"),
+    ([[[_sample(logprobs=True)], 0]], [p.pack_ids([1])], "need 3 frames"),
+    ([[[_sample(2)], 0]], [p.pack_ids([1])], "count 2 token ids"),
+    ([[[_sample(1, logprobs=True)], 0]], [p.pack_ids([1]), p.pack_logprobs([1.0, 2.0])], "count 1 logprobs"),
+    ([[[_sample(-1)], 0]], [b""], "token count"),
+    ([[[{"text": "", "finish_reason": "stop"}], 0]], [b""], "token count"),
+    ([[["x"], 0]], [b""], "each item is"),
+    ([[[_sample()], 0], [[_sample()], 0]], [p.pack_ids([1, 2])], "1 rids need as many items"),
+    (None, [b""], "not valid msgpack"),
 ])
 def test_bad_results_batches_are_protocol_errors(items, frames, match):
+    packed = [b"\xc1"] if items is None else [msgpack.packb(items)]
     with pytest.raises(ProtocolError, match=match):
-        p.decode(p.encode(p.Results(worker="w", weight_version=0, items=items, frames=frames)))
+        p.decode(p.encode(p.Results(worker="w", weight_version=0, rids=["a"], frames=packed + frames)))
 
 
 def test_a_workers_packed_batch_splits_into_the_results_it_would_send_one_by_one():
@@ -190,3 +193,6 @@ def test_a_workers_packed_batch_splits_into_the_results_it_would_send_one_by_one
             for r in batch.split()] == \
         [(r.rid, r.samples, r.prompt_tokens, r.weight_version, r.frames) for r in one_by_one]
     assert isinstance(eng.results_message("w", 3, finished[:1]), p.Result)
+    # and the client's one-conversion path gives the Results that the one-by-one path gives
+    from rolloutd.results import from_batch, from_message
+    assert from_batch(batch) == [from_message(r) for r in one_by_one]

@@ -64,6 +64,8 @@ class _Base:
         sampling = p.check_sampling(sampling)
         if request_ids is not None and len(request_ids) != len(prompts):
             raise BadRequest(f"{len(prompts)} prompts but {len(request_ids)} request ids")
+        if request_ids is not None and len(set(request_ids)) != len(request_ids):
+            raise BadRequest("request ids repeat within one call")
         msgs = []
         for i, prompt in enumerate(prompts):
             rid = request_ids[i] if request_ids is not None else self.new_id()
@@ -275,6 +277,24 @@ class Client(_Base):
             time.sleep(0.25)
 
 
+class _Gather:
+    """What one AsyncClient.generate call waits for: answers land here by request id, and one future wakes
+    the call when the last is in (not a future per request: 512 aborted requests answer at once)."""
+    __slots__ = ("got", "left", "done")
+
+    def __init__(self, rids: list[str], done: asyncio.Future):
+        self.got: dict = {}
+        self.left = len(rids)
+        self.done = done
+
+    def put(self, rid: str, msg) -> None:
+        if rid not in self.got:
+            self.got[rid] = msg
+            self.left -= 1
+            if not self.left and not self.done.done():
+                self.done.set_result(None)
+
+
 class AsyncClient(_Base):
     """asyncio client: any number of calls may run at once on one connection.
 
@@ -351,7 +371,9 @@ class AsyncClient(_Base):
         """Hand a message (or a Result of a batch) to whoever waits for its id; False: a full stream queue."""
         key = msg.request_id if isinstance(msg, Result) else getattr(msg, "rid", None) or getattr(msg, "cid", None)
         w = self._waiters.get(key)
-        if isinstance(w, asyncio.Queue):
+        if isinstance(w, _Gather):
+            w.put(key, msg)
+        elif isinstance(w, asyncio.Queue):
             if w.full():
                 return False
             w.put_nowait(msg)
@@ -375,12 +397,17 @@ class AsyncClient(_Base):
         """As Client.generate."""
         msgs = self._generate_msgs(prompts, request_ids, False, sampling)
         deadline = self._deadline(timeout)
-        loop = asyncio.get_running_loop()
-        futs = {}
-        for m in msgs:
-            futs[m.rid] = self._waiters[m.rid] = loop.create_future()
-            await self._send(m)
-        done, late = await self._wait(futs, deadline)
+        rids = [m.rid for m in msgs]
+        gather = _Gather(rids, asyncio.get_running_loop().create_future())
+        try:
+            for m in msgs:
+                self._waiters[m.rid] = gather
+                await self._send(m)
+            await asyncio.wait([gather.done], timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            for rid in rids:
+                self._waiters.pop(rid, None)
+        done, late = gather.got, [r for r in rids if r not in gather.got]
         results, errors = {}, {}
         for rid, msg in done.items():
             if isinstance(msg, Result):  # it came in a batch
@@ -393,7 +420,7 @@ class AsyncClient(_Base):
             errors[rid] = RequestTimeout(f"request {rid} did not finish in time", request_id=rid)
         if late:
             await self._send(p.Abort(cid=self.new_id(), rids=late))
-        return _finish(list(futs), results, errors)
+        return _finish(rids, results, errors)
 
     async def stream(self, prompt, *, timeout: float | None = None, request_id: str | None = None,
                      **sampling) -> AsyncIterator[Delta | Result]:

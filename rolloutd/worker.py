@@ -36,9 +36,11 @@ _REABORT_TRIES = 20
 
 PAUSE_MODES = ("abort", "wait", "keep")
 
-# One batched results message holds at most this many results, and this many bytes of token ids and
-# text: a quarter of the protocol's limits on a frame and on a header.
-_MAX_BATCH_RESULTS = 1024
+# A batch of results leaves once it holds this many (or at the end of the event-loop turn): when 512
+# requests end at once, the broker and the client work on the first batches while the worker packs the
+# next, instead of all three working one after the other. And at most this many bytes of ids and text,
+# a quarter of the protocol's limits on a frame and on a header.
+_BATCH_RESULTS = 64
 _MAX_BATCH_BYTES = p.MAX_FRAME_BYTES // 4
 
 
@@ -78,6 +80,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bg: set[asyncio.Task] = set()  # control tasks, kept referenced until done
         self._outbox: list[tuple] = []  # requests finished in this event-loop turn, sent together after it
+        self._outbox_bytes = 0
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
@@ -348,19 +351,14 @@ class Worker:
         if not self._outbox:
             self._loop.call_soon(self._flush_results)
         self._outbox.append(finished)
+        self._outbox_bytes += sum(5 * len(st.ids) + len(st.text) for st in finished[1].values())  # ids, logprobs, text
+        if len(self._outbox) >= _BATCH_RESULTS or self._outbox_bytes > _MAX_BATCH_BYTES:
+            self._flush_results()
 
     def _flush_results(self) -> None:
-        batch, size = [], 0
-        for f in self._outbox:
-            fsize = sum(5 * len(st.ids) + len(st.text) for st in f[1].values())  # ids, logprobs, text
-            if batch and (len(batch) == _MAX_BATCH_RESULTS or size + fsize > _MAX_BATCH_BYTES):
-                self._send(eng.results_message(self.id, self.weight_version, batch))
-                batch, size = [], 0
-            batch.append(f)
-            size += fsize
-        if batch:
-            self._send(eng.results_message(self.id, self.weight_version, batch))
-        self._outbox = []
+        if self._outbox:
+            self._send(eng.results_message(self.id, self.weight_version, self._outbox))
+        self._outbox, self._outbox_bytes = [], 0
 
     def _prompt_ids(self, msg: p.Generate) -> list[int]:
         if msg.prompt is None:

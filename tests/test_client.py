@@ -54,3 +54,5 @@ def test_bad_sampling_is_refused_before_sending():
             c.generate([[1]], temperature=-1)
         with pytest.raises(BadRequest, match="2 prompts but 1 request ids"):
             c.generate([[1], [2]], request_ids=["a"])
+        with pytest.raises(BadRequest, match="repeat"):
+            c.generate([[1], [2]], request_ids=["a", "a"])

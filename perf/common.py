@@ -47,7 +47,10 @@ class Daemon:
         self.log = open(log_path or os.devnull, "w")
         cmd = [sys.executable, "-m", "rolloutd.cli", "--log-level", "WARNING", "up", "--model", model,
                "--workers", str(workers), "--front", self.front, "--back", self.back, *extra]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        # These benchmarks time requests, not failure detection: on the 2-core VM, whose host stops a
+        # process for seconds under vLLM load, a healthy worker must not be expired mid-run.
+        env = {**os.environ, "ROLLOUTD_LIVENESS": os.environ.get("ROLLOUTD_LIVENESS", "30")}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         from rolloutd import Client
         with Client(self.front) as c:
             c.wait_for_workers(workers, timeout=600)

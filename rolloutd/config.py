@@ -7,9 +7,11 @@ import os
 FRONT = os.environ.get("ROLLOUTD_ADDRESS", "tcp://127.0.0.1:5555")
 BACK = os.environ.get("ROLLOUTD_BACK", "tcp://127.0.0.1:5556")
 
-# Liveness as in the ZeroMQ guide's Majordomo: a peer silent for LIVENESS intervals is dead.
+# Liveness as in the ZeroMQ guide's Majordomo: a peer silent for LIVENESS intervals is dead. 5 s, not
+# the guide's 3: a worker's Python loop adding 512 requests to vLLM, or a full garbage collection, goes
+# quiet for a second or two and must not be taken for dead (a 2-core VM lost a healthy worker at 3).
 HEARTBEAT_S = float(os.environ.get("ROLLOUTD_HEARTBEAT_S", "1.0"))
-LIVENESS = int(os.environ.get("ROLLOUTD_LIVENESS", "3"))
+LIVENESS = int(os.environ.get("ROLLOUTD_LIVENESS", "5"))
 
 # Requests the broker holds when every worker is full; past this a request is refused as busy.
 MAX_PENDING = int(os.environ.get("ROLLOUTD_MAX_PENDING", "65536"))

@@ -29,10 +29,9 @@ from .errors import BadRequest, EngineError, Paused, RolloutdError, ShuttingDown
 
 log = logging.getLogger("rolloutd.worker")
 
-# How long after an abort the worker re-sends it for requests that were still being added to the engine
-# when it came (vLLM cannot abort a request it has not registered yet), and how often.
+# How often the worker re-sends an abort for requests that were still being added to the engine when it
+# came (vLLM cannot abort a request it has not registered yet); it goes on until every one has ended.
 _REABORT_EVERY_S = 0.05
-_REABORT_TRIES = 20
 
 PAUSE_MODES = ("abort", "wait", "keep")
 
@@ -79,6 +78,7 @@ class Worker:
         self._session_over: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bg: set[asyncio.Task] = set()  # control tasks, kept referenced until done
+        self._aborting: set[str] = set()  # requests asked to abort that have not ended yet
         self._outbox: list[tuple] = []  # requests finished in this event-loop turn, sent together after it
         self._outbox_bytes = 0
 
@@ -321,6 +321,11 @@ class Worker:
         try:
             ids = self._prompt_ids(msg)
             params = eng.sampling_params(msg.sampling, msg.stream)
+            if rid in self._aborting:
+                # aborted before its task first ran (512 arrive at once, adding each to vLLM takes a while):
+                # it ends here, with no tokens, and never reaches the engine
+                self._queue_result((rid, states, msg.n, len(ids), want_lp))
+                return
             async for out in self.engine.generate(eng.tokens_prompt(ids), params, rid):
                 step = eng.accumulate(states, out, want_lp)
                 if msg.stream and step:
@@ -344,6 +349,7 @@ class Worker:
                     self._session_over.set()
         finally:
             self.tasks.pop(rid, None)
+            self._aborting.discard(rid)
 
     def _queue_result(self, finished: tuple) -> None:
         """Requests finished in one event-loop turn leave together, as one message (see protocol.Results):
@@ -373,6 +379,7 @@ class Worker:
     async def _abort(self, rids: list[str]) -> None:
         if not rids:
             return
+        self._aborting.update(rids)
         await self.engine.abort(rids)
         self._background(self._reabort(rids))
 
@@ -383,7 +390,8 @@ class Worker:
         t.add_done_callback(self._bg.discard)
 
     async def _reabort(self, rids: list[str]) -> None:
-        for _ in range(_REABORT_TRIES):
+        """Abort again, until every one has ended, the requests that vLLM did not know yet."""
+        while True:
             await asyncio.sleep(_REABORT_EVERY_S)
             left = [r for r in rids if r in self.tasks]
             if not left:

@@ -14,7 +14,7 @@ from rolloutd.client import Client
 from rolloutd.models import prepare
 
 HEARTBEAT_S = 0.5
-# Missed heartbeats before a worker is declared lost: 12 s here, against the product's 3 intervals. On
+# Missed heartbeats before a worker is declared lost: 12 s here, against the product's 5 s. On
 # the 2-core CI VMs a process is at times not scheduled for seconds while a vLLM CPU engine decodes (seen:
 # a healthy worker silent for 10 s while the broker ran), and it would be expired.
 LIVENESS = 24

@@ -19,16 +19,36 @@ from .test_daemon import prompts
 pytestmark = pytest.mark.slow
 
 
+async def decoding(c, prompt) -> asyncio.Task:
+    """Stream one more long request and return once its first token is in, with the task that collects
+    the rest: every request sent before it is decoding by then (the engine takes them in order). A fixed
+    sleep is not enough here: a frozen machine can leave requests with no token yet when the test aborts."""
+    first = asyncio.Event()
+
+    async def run():
+        events = []
+        async for ev in c.stream(prompt, max_tokens=LONG, ignore_eos=True):
+            events.append(ev)
+            first.set()
+        return events[-1]
+
+    task = asyncio.create_task(run())
+    await asyncio.wait_for(first.wait(), 120)
+    return task
+
+
 def test_abort_all_returns_every_long_generation_within_a_second_with_partial_output(daemon1):
     async def main():
         async with AsyncClient(daemon1.front, timeout=120) as c:
             task = asyncio.create_task(c.generate(prompts(8), max_tokens=LONG, ignore_eos=True))
+            canary = await decoding(c, prompts(1, start=90)[0])
             await asyncio.sleep(0.5)
             t0 = time.monotonic()
             reply = await c.abort_all(timeout=30)
             results = await asyncio.wait_for(task, 10)
             took = time.monotonic() - t0
-        assert reply["ok"] and reply[next(k for k in reply if k != "ok")]["aborted"] == 8, reply
+            results.append(await asyncio.wait_for(canary, 10))
+        assert reply["ok"] and reply[next(k for k in reply if k != "ok")]["aborted"] == 9, reply
         for r in results:
             assert r.finish_reason == "abort" and 0 < len(r.token_ids) < LONG
         return took
@@ -56,9 +76,9 @@ def test_pause_abort_returns_partials_and_new_requests_wait_for_resume(daemon1):
     async def main():
         async with AsyncClient(daemon1.front, timeout=120) as c:
             long = asyncio.create_task(c.generate(prompts(4), max_tokens=LONG, ignore_eos=True))
-            await asyncio.sleep(0.5)
+            canary = await decoding(c, prompts(1, start=90)[0])
             reply = await c.pause("abort", timeout=30)
-            aborted = await asyncio.wait_for(long, 10)
+            aborted = await asyncio.wait_for(long, 10) + [await asyncio.wait_for(canary, 10)]
             later = asyncio.create_task(c.generate(prompts(2), max_tokens=8, ignore_eos=True))
             await asyncio.sleep(1.0)
             waited = not later.done()

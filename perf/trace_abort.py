@@ -118,8 +118,8 @@ def main() -> None:
     record(C.AsyncClient, "_on_readable", "client: read and split")
     record(C, "from_message", "client: Result built")
     record_gc()
-    sampling = {"max_tokens": 30000, "ignore_eos": True, "temperature": 1.0}  # as bench_abort.py
-    prompts = [[5 + (i * 13 + j) % 400 for j in range(8)] for i in range(a.inflight)]
+    from bench_abort import LONG as sampling, prompts as make_prompts  # the benchmark's workload
+    prompts = make_prompts(a.inflight)
 
     async def trials():
         out = []

@@ -315,11 +315,12 @@ class Broker:
         """A worker's batch of results: to each client its own, still as one message per client. The
         common case (all for one client) is forwarded as it came: the samples frame is not even unpacked."""
         rids = msg.rids  # decode checked it is a list of strings
-        owners = {req.client for rid in rids if (req := self.requests.get(rid)) is not None}
-        if len(owners) == 1 and all(rid in self.requests for rid in rids):
+        reqs = [self.requests.get(rid) for rid in rids]
+        client = reqs[0].client if reqs and reqs[0] is not None else None
+        if client is not None and all(r is not None and r.client == client for r in reqs):
             for rid in rids:
                 self._close(rid)
-            self.front.send_multipart([owners.pop(), *frames])
+            self.front.send_multipart([client, *frames])
         else:
             try:
                 msg.check_frames()

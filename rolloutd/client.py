@@ -87,6 +87,22 @@ def _generate_msg(rid: str, prompt, sampling: dict, stream: bool) -> p.Generate:
     raise BadRequest(f"a prompt is text, a non-empty list of token ids or chat messages; got {type(prompt).__name__}")
 
 
+def _results_of(msg: p.Message) -> list[Result] | None:
+    """The Results a message carries (one for RESULT, many for a RESULTS batch); None for any other."""
+    if msg.CMD is p.Cmd.RESULTS:
+        return from_batch(msg)
+    if msg.CMD is p.Cmd.RESULT:
+        return [from_message(msg)]
+    return None
+
+
+def _key(msg: p.Message | Result) -> str | None:
+    """The id an answer is for: a Result's request id, a message's rid or cid."""
+    if isinstance(msg, Result):
+        return msg.request_id
+    return getattr(msg, "rid", None) or getattr(msg, "cid", None)
+
+
 def _error(msg: p.Error) -> RolloutdError:
     return from_code(msg.code, msg.message, request_id=msg.rid)
 
@@ -172,21 +188,16 @@ class Client(_Base):
             msg = self._recv(deadline)
             if msg is None:
                 raise self._timed_out(f"generate of {len(rids)} prompt(s)", list(waiting))
-            if msg.CMD is p.Cmd.RESULTS:
-                for r in from_batch(msg):
-                    if r.request_id in waiting:  # else a late answer to an earlier call
-                        results[r.request_id] = r
-                        waiting.discard(r.request_id)
-                continue
-            rid = getattr(msg, "rid", None)
-            if rid not in waiting:
-                continue  # a late answer to an earlier call
-            if msg.CMD is p.Cmd.RESULT:
-                results[rid] = from_message(msg)
-                waiting.discard(rid)
-            elif msg.CMD is p.Cmd.ERROR:
-                errors[rid] = _error(msg)
-                waiting.discard(rid)
+            for m in _results_of(msg) or (msg,):
+                rid = _key(m)
+                if rid not in waiting:
+                    continue  # a late answer to an earlier call
+                if isinstance(m, Result):
+                    results[rid] = m
+                    waiting.discard(rid)
+                elif m.CMD is p.Cmd.ERROR:
+                    errors[rid] = _error(m)
+                    waiting.discard(rid)
         return _finish(rids, results, errors)
 
     def stream(self, prompt, *, timeout: float | None = None, request_id: str | None = None,
@@ -199,15 +210,14 @@ class Client(_Base):
             m = self._recv(deadline)
             if m is None:
                 raise self._timed_out("stream", [msg.rid])
-            if m.CMD is p.Cmd.RESULTS:
-                m = next((r for r in m.split() if r.rid == msg.rid), None) or m
+            for r in _results_of(m) or ():
+                if r.request_id == msg.rid:
+                    yield r
+                    return
             if getattr(m, "rid", None) != msg.rid:
                 continue
             if m.CMD is p.Cmd.TOKENS:
                 yield from deltas_from_message(m)
-            elif m.CMD is p.Cmd.RESULT:
-                yield from_message(m)
-                return
             elif m.CMD is p.Cmd.ERROR:
                 raise _error(m)
 
@@ -280,19 +290,17 @@ class Client(_Base):
 class _Gather:
     """What one AsyncClient.generate call waits for: answers land here by request id, and one future wakes
     the call when the last is in (not a future per request: 512 aborted requests answer at once)."""
-    __slots__ = ("got", "left", "done")
+    __slots__ = ("got", "want", "done")
 
     def __init__(self, rids: list[str], done: asyncio.Future):
         self.got: dict = {}
-        self.left = len(rids)
+        self.want = len(rids)
         self.done = done
 
     def put(self, rid: str, msg) -> None:
-        if rid not in self.got:
-            self.got[rid] = msg
-            self.left -= 1
-            if not self.left and not self.done.done():
-                self.done.set_result(None)
+        self.got.setdefault(rid, msg)
+        if len(self.got) == self.want and not self.done.done():
+            self.done.set_result(None)
 
 
 class AsyncClient(_Base):
@@ -365,11 +373,11 @@ class AsyncClient(_Base):
                 msg = p.decode(frames)
             except RolloutdError:
                 continue
-            self._parked.extend(from_batch(msg) if msg.CMD is p.Cmd.RESULTS else (msg,))
+            self._parked.extend(_results_of(msg) or (msg,))
 
     def _deliver(self, msg: p.Message | Result) -> bool:
-        """Hand a message (or a Result of a batch) to whoever waits for its id; False: a full stream queue."""
-        key = msg.request_id if isinstance(msg, Result) else getattr(msg, "rid", None) or getattr(msg, "cid", None)
+        """Hand a message or a Result to whoever waits for its id; False: a full stream queue."""
+        key = _key(msg)
         w = self._waiters.get(key)
         if isinstance(w, _Gather):
             w.put(key, msg)
@@ -380,17 +388,6 @@ class AsyncClient(_Base):
         elif w is not None and not w.done():
             w.set_result(msg)
         return True
-
-    async def _wait(self, futs: dict, deadline: float) -> tuple[dict, list[str]]:
-        """Results by key, and the keys that timed out."""
-        try:
-            if futs:
-                await asyncio.wait(list(futs.values()), timeout=max(0.0, deadline - time.monotonic()))
-        finally:
-            for key in futs:
-                self._waiters.pop(key, None)
-        done = {k: f.result() for k, f in futs.items() if f.done()}
-        return done, [k for k in futs if k not in done]
 
     async def generate(self, prompts: Sequence, *, timeout: float | None = None,
                        request_ids: Sequence[str] | None = None, **sampling) -> list[Result]:
@@ -410,10 +407,8 @@ class AsyncClient(_Base):
         done, late = gather.got, [r for r in rids if r not in gather.got]
         results, errors = {}, {}
         for rid, msg in done.items():
-            if isinstance(msg, Result):  # it came in a batch
+            if isinstance(msg, Result):
                 results[rid] = msg
-            elif msg.CMD is p.Cmd.RESULT:
-                results[rid] = from_message(msg)
             else:
                 errors[rid] = _error(msg)
         for rid in late:
@@ -439,15 +434,12 @@ class AsyncClient(_Base):
                     raise RequestTimeout("stream did not finish in time", request_id=msg.rid) from None
                 if self._parked:
                     self._loop.call_soon(self._on_readable)  # room again: take up reading
-                if isinstance(m, Result):  # it came in a batch
+                if isinstance(m, Result):
                     yield m
                     return
                 if m.CMD is p.Cmd.TOKENS:
                     for d in deltas_from_message(m):
                         yield d
-                elif m.CMD is p.Cmd.RESULT:
-                    yield from_message(m)
-                    return
                 elif m.CMD is p.Cmd.ERROR:
                     raise _error(m)
         finally:
@@ -455,11 +447,14 @@ class AsyncClient(_Base):
 
     async def _call(self, msg, timeout: float | None = None) -> dict:
         fut = self._waiters[msg.cid] = asyncio.get_running_loop().create_future()
-        await self._send(msg)
-        done, late = await self._wait({msg.cid: fut}, self._deadline(timeout))
-        if late:
+        try:
+            await self._send(msg)
+            await asyncio.wait([fut], timeout=max(0.0, self._deadline(timeout) - time.monotonic()))
+        finally:
+            self._waiters.pop(msg.cid, None)
+        if not fut.done():
             raise RequestTimeout(f"{type(msg).__name__} got no answer in time")
-        return _reply(done[msg.cid])
+        return _reply(fut.result())
 
     async def abort(self, request_ids: Sequence[str], timeout: float | None = None) -> dict:
         return await self._call(p.Abort(cid=self.new_id(), rids=list(request_ids)), timeout)

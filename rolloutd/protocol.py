@@ -202,14 +202,18 @@ class Result(Message):
             raise ProtocolError(f"result: samples need {want} frames, got {len(self.frames)}")
         i = 0
         for s in self.samples:
-            if not isinstance(s.get("text"), str) or not isinstance(s.get("finish_reason"), str):
-                raise ProtocolError("result: each sample needs text and finish_reason strings")
+            _check_sample(s)
             n = _frame_len(self.frames[i], TOKEN_DTYPE, "token ids")
             i += 1
             if s.get("logprobs"):
                 if _frame_len(self.frames[i], LOGPROB_DTYPE, "logprobs") != n:
                     raise ProtocolError("result: logprobs and token ids differ in length")
                 i += 1
+
+
+def _check_sample(s: dict) -> None:
+    if not isinstance(s.get("text"), str) or not isinstance(s.get("finish_reason"), str):
+        raise ProtocolError("result: each sample needs text and finish_reason strings")
 
 
 def result_frames(samples: list[dict]) -> int:
@@ -240,10 +244,7 @@ class Results(Message):
         if items is None:
             if not self.frames or len(self.frames[0]) > MAX_TEXT_HEADER_BYTES:
                 raise ProtocolError("results: the items frame is missing or over the limit")
-            try:
-                items = msgpack.unpackb(self.frames[0], raw=False, use_list=True, strict_map_key=True)
-            except Exception as e:  # msgpack raises several unrelated types on garbage
-                raise ProtocolError(f"results: the items frame is not valid msgpack ({type(e).__name__})") from None
+            items = _unpackb(self.frames[0], "results: the items frame")
             if not isinstance(items, list) or len(items) != len(self.rids):
                 raise ProtocolError(f"results: {len(self.rids)} rids need as many items")
             for it in items:
@@ -261,8 +262,7 @@ class Results(Message):
                 k = s.get("tokens")
                 if type(k) is not int or k < 0:
                     raise ProtocolError("results: each sample needs its token count (tokens)")
-                if not isinstance(s.get("text"), str) or not isinstance(s.get("finish_reason"), str):
-                    raise ProtocolError("results: each sample needs text and finish_reason strings")
+                _check_sample(s)
                 total += k
                 if s.get("logprobs"):
                     any_lp, lp_total = True, lp_total + k
@@ -274,21 +274,33 @@ class Results(Message):
         if any_lp and _frame_len(self.frames[2], LOGPROB_DTYPE, "logprobs") != lp_total:
             raise ProtocolError(f"results: the samples count {lp_total} logprobs, the frame holds another number")
 
+    def spans(self):
+        """Walk a checked message: per item (rid, samples, prompt_tokens, per sample (start, end, lp)),
+        where [start:end] are its token ids in frames[1], counted in elements, and its logprobs are at
+        [lp:lp + end - start] in frames[2] (lp None when it has none)."""
+        i = j = 0
+        for rid, (samples, prompt_tokens) in zip(self.rids, self.items()):
+            spans = []
+            for s in samples:
+                k = s["tokens"]
+                lp = None
+                if s.get("logprobs"):
+                    lp, j = j, j + k
+                spans.append((i, i + k, lp))
+                i += k
+            yield rid, samples, prompt_tokens, spans
+
     def split(self) -> list[Result]:
         """One Result per item (its frames are views, not copies); call on a checked message."""
         ids = memoryview(self.frames[1])
         lps = memoryview(self.frames[2]) if len(self.frames) > 2 else None
-        i = j = 0
         out = []
-        for rid, (samples, prompt_tokens) in zip(self.rids, self.items()):
+        for rid, samples, prompt_tokens, spans in self.spans():
             frames = []
-            for s in samples:
-                k = s["tokens"] * 4  # int32 and float32 alike
-                frames.append(ids[i:i + k])
-                i += k
-                if s.get("logprobs"):
-                    frames.append(lps[j:j + k])
-                    j += k
+            for a, b, lp in spans:  # int32 and float32 alike: 4 bytes an element
+                frames.append(ids[4 * a:4 * b])
+                if lp is not None:
+                    frames.append(lps[4 * lp:4 * (lp + b - a)])
             out.append(Result(rid=rid, worker=self.worker, weight_version=self.weight_version, samples=samples,
                               prompt_tokens=prompt_tokens, frames=frames))
         return out
@@ -433,6 +445,13 @@ _HEAD: dict[int, bytes] = {}
 _packb = msgpack.Packer(use_bin_type=True).pack
 
 
+def _unpackb(raw, what: str):
+    try:
+        return msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"{what} is not valid msgpack ({type(e).__name__})") from None
+
+
 def encode(msg: Message) -> list[bytes]:
     """The frames for one message (bulk frames are passed through as given: bytes, memoryview, Frame)."""
     return [_HEAD[msg.CMD], _packb(msg.header()), *msg.frames]
@@ -456,10 +475,7 @@ def decode(frames: list, *, check_frames: bool = True) -> Message:
     raw = frames[1]
     if len(raw) > cls.MAX_HEADER:
         raise ProtocolError(f"{cls.__name__} header of {len(raw)} bytes is over the limit of {cls.MAX_HEADER}")
-    try:
-        hdr = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(f"{cls.__name__} header is not valid msgpack ({type(e).__name__})") from None
+    hdr = _unpackb(raw, f"{cls.__name__} header")
     if not isinstance(hdr, dict):
         raise ProtocolError(f"{cls.__name__} header must be a map, got {type(hdr).__name__}")
     kwargs = {}
@@ -551,11 +567,15 @@ def _frame_len(frame, dtype: np.dtype, what: str) -> int:
 _ARRAY_OK = sys.byteorder == "little" and array.array("i").itemsize == 4 and array.array("f").itemsize == 4
 
 
+def _pack(values, typecode: str, dtype: np.dtype) -> bytes:
+    if _ARRAY_OK and isinstance(values, (list, array.array)):
+        return (values if isinstance(values, array.array) else array.array(typecode, values)).tobytes()
+    return np.asarray(values, dtype=dtype).tobytes()
+
+
 def pack_ids(ids) -> bytes:
     """Token ids (list, tuple, array.array("i") or numpy array) as one little-endian int32 frame."""
-    if _ARRAY_OK and isinstance(ids, (list, array.array)):
-        return (ids if isinstance(ids, array.array) else array.array("i", ids)).tobytes()
-    return np.asarray(ids, dtype=TOKEN_DTYPE).tobytes()
+    return _pack(ids, "i", TOKEN_DTYPE)
 
 
 def unpack_ids(frame) -> list[int]:
@@ -563,9 +583,7 @@ def unpack_ids(frame) -> list[int]:
 
 
 def pack_logprobs(lps) -> bytes:
-    if _ARRAY_OK and isinstance(lps, (list, array.array)):
-        return (lps if isinstance(lps, array.array) else array.array("f", lps)).tobytes()
-    return np.asarray(lps, dtype=LOGPROB_DTYPE).tobytes()
+    return _pack(lps, "f", LOGPROB_DTYPE)
 
 
 def unpack_logprobs(frame) -> list[float]:

@@ -17,14 +17,15 @@ class Sample:
     """
     __slots__ = ("index", "text", "finish_reason", "token_array", "logprob_array", "_ids", "_lps")
 
-    def __init__(self, index: int, token_ids, text: str, finish_reason: str, logprobs=None):
+    def __init__(self, index: int, token_array: np.ndarray, text: str, finish_reason: str,
+                 logprob_array: np.ndarray | None = None):
         self.index = index
         self.text = text
         self.finish_reason = finish_reason  # "stop", "length" or "abort"
-        self.token_array = np.asarray(token_ids, dtype=p.TOKEN_DTYPE)
-        self.logprob_array = None if logprobs is None else np.asarray(logprobs, dtype=p.LOGPROB_DTYPE)
-        self._ids = token_ids if isinstance(token_ids, list) else None
-        self._lps = logprobs if isinstance(logprobs, list) else None
+        self.token_array = token_array
+        self.logprob_array = logprob_array
+        self._ids: list[int] | None = None
+        self._lps: list[float] | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -97,30 +98,27 @@ def from_message(msg: p.Result) -> Result:
         ids = np.frombuffer(next(frames), dtype=p.TOKEN_DTYPE)
         lps = np.frombuffer(next(frames), dtype=p.LOGPROB_DTYPE) if s.get("logprobs") else None
         samples.append(Sample(s.get("index", len(samples)), ids, s["text"], s["finish_reason"], lps))
-    samples.sort(key=lambda s: s.index)
-    return Result(msg.rid, samples, msg.weight_version, msg.worker, msg.prompt_tokens)
+    return _result(msg.rid, samples, msg.weight_version, msg.worker, msg.prompt_tokens)
 
 
 def from_batch(msg: p.Results) -> list[Result]:
-    """Every Result of a (checked) Results message, each sample a view into the batch's frames."""
+    """Every Result of a (checked) Results message, each sample a view into the batch's frames: like
+    [from_message(r) for r in msg.split()], at half the cost (512 results arrive at once)."""
     ids = np.frombuffer(msg.frames[1], dtype=p.TOKEN_DTYPE)
     lps = np.frombuffer(msg.frames[2], dtype=p.LOGPROB_DTYPE) if len(msg.frames) > 2 else None
-    i = j = 0
     out = []
-    for rid, (smaps, prompt_tokens) in zip(msg.rids, msg.items()):
-        samples = []
-        for s in smaps:
-            k = s["tokens"]
-            lp = None
-            if s.get("logprobs"):
-                lp = lps[j:j + k]
-                j += k
-            samples.append(Sample(s.get("index", len(samples)), ids[i:i + k], s["text"], s["finish_reason"], lp))
-            i += k
-        if len(samples) > 1:
-            samples.sort(key=lambda s: s.index)
-        out.append(Result(rid, samples, msg.weight_version, msg.worker, prompt_tokens))
+    for rid, smaps, prompt_tokens, spans in msg.spans():
+        samples = [Sample(s.get("index", k), ids[a:b], s["text"], s["finish_reason"],
+                          None if lp is None else lps[lp:lp + b - a])
+                   for k, (s, (a, b, lp)) in enumerate(zip(smaps, spans))]
+        out.append(_result(rid, samples, msg.weight_version, msg.worker, prompt_tokens))
     return out
+
+
+def _result(rid: str, samples: list[Sample], version: int, worker: str, prompt_tokens: int) -> Result:
+    if len(samples) > 1:
+        samples.sort(key=lambda s: s.index)
+    return Result(rid, samples, version, worker, prompt_tokens)
 
 
 def deltas_from_message(msg: p.Tokens) -> list[Delta]:

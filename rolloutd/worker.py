@@ -79,6 +79,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bg: set[asyncio.Task] = set()  # control tasks, kept referenced until done
         self._aborting: set[str] = set()  # requests asked to abort that have not ended yet
+        self._reaborts: asyncio.Task | None = None  # re-sends their abort until they have all ended
         self._outbox: list[tuple] = []  # requests finished in this event-loop turn, sent together after it
         self._outbox_bytes = 0
 
@@ -381,7 +382,8 @@ class Worker:
             return
         self._aborting.update(rids)
         await self.engine.abort(rids)
-        self._background(self._reabort(rids))
+        if self._reaborts is None or self._reaborts.done():
+            self._reaborts = asyncio.create_task(self._reabort())
 
     def _background(self, coro) -> None:
         """A task nobody awaits, kept referenced until done (asyncio holds tasks only weakly)."""
@@ -389,14 +391,12 @@ class Worker:
         self._bg.add(t)
         t.add_done_callback(self._bg.discard)
 
-    async def _reabort(self, rids: list[str]) -> None:
-        """Abort again, until every one has ended, the requests that vLLM did not know yet."""
-        while True:
+    async def _reabort(self) -> None:
+        """Abort again, until every one has ended, the requests that vLLM did not know yet when asked."""
+        while self._aborting:
             await asyncio.sleep(_REABORT_EVERY_S)
-            left = [r for r in rids if r in self.tasks]
-            if not left:
-                return
-            await self.engine.abort(left)
+            if self._aborting:
+                await self.engine.abort(list(self._aborting))
 
 
 def run_worker(opts: eng.EngineOptions, broker: str, *, worker_id: str | None = None, capacity: int | None = None,

@@ -7,13 +7,14 @@ Each trial starts k long generations (ignore_eos), lets them run --after seconds
 waits for every one to come back. In-process: AsyncLLM.abort on all request ids, until every generate()
 stream has ended. Daemon: AsyncClient.abort_all(), until the generate() call has every result (their
 ids as numpy arrays over the received message); the time to then turn every result's ids into a Python
-list is reported beside it (daemon_then_token_lists_ms).
+list is reported beside it (daemon_then_token_lists_ms). BENCH_DAEMON_LOG=FILE keeps the daemon's log.
 Writes perf/results/abort.json and abort.png.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 
@@ -86,7 +87,7 @@ def run_daemon(model: str, sizes, repeat: int, after: float) -> dict:
                     res[k].append((took, with_tokens, lists))
         return res
 
-    with Daemon(model, workers=1) as d:
+    with Daemon(model, workers=1, log_path=os.environ.get("BENCH_DAEMON_LOG")) as d:
         return asyncio.run(main(d.front))
 
 

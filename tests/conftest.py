@@ -74,6 +74,13 @@ class Daemon:
             f.seek(since)
             return sum(float(m) for m in re.findall(r"broker loop stalled ([0-9.]+) s", f.read()))
 
+    def worker_expiries(self, since: int) -> list[str]:
+        """The broker's log lines, after log_mark() `since`, of workers it expired for silence: a healthy
+        worker frozen by the host for longer than the liveness is one, and comes back with READY."""
+        with open(self.log_path, errors="replace") as f:
+            f.seek(since)
+            return [line.strip() for line in f if "heartbeats; failing" in line]
+
     def worker_pids(self) -> list[int]:
         with Client(self.front) as c:
             return [w["pid"] for w in c.status()["workers"]]

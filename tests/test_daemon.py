@@ -34,15 +34,24 @@ def test_status_lists_both_workers(daemon):
 
 
 def test_64_prompts_n4_complete_on_both_workers_with_samples_together(daemon):
-    with Client(daemon.front, timeout=120) as c:
-        results = c.generate(prompts(64), n=4, temperature=1.0, max_tokens=16, ignore_eos=True)
-    assert len(results) == 64
-    for r in results:
-        assert len(r.samples) == 4 and [s.index for s in r.samples] == [0, 1, 2, 3]
-        assert all(len(s.token_ids) == 16 and s.finish_reason == "length" for s in r.samples)
-        assert r.weight_version == 0 and r.prompt_tokens == 6
-    served = collections.Counter(r.worker for r in results)
-    assert len(served) == 2 and min(served.values()) >= 8, served
+    for _ in range(3):
+        mark = daemon.log_mark()
+        with Client(daemon.front, timeout=120) as c:
+            results = c.generate(prompts(64), n=4, temperature=1.0, max_tokens=16, ignore_eos=True)
+        assert len(results) == 64
+        for r in results:
+            assert len(r.samples) == 4 and [s.index for s in r.samples] == [0, 1, 2, 3]
+            assert all(len(s.token_ids) == 16 and s.finish_reason == "length" for s in r.samples)
+            assert r.weight_version == 0 and r.prompt_tokens == 6
+        served = collections.Counter(r.worker for r in results)
+        if len(served) == 2 and min(served.values()) >= 8:
+            return
+        # One worker took nearly all: right only if the other was away. On the 2-core CI VMs a healthy
+        # worker was once frozen past its liveness and expired, and came back with READY only as the last
+        # prompt arrived (63 to 1). That is a fault of the machine, not of placement: try again.
+        expired = daemon.worker_expiries(mark)
+        assert expired, f"placement {served} with both workers registered throughout:\n{daemon.tail()}"
+    pytest.skip(f"a worker was expired for silence during every attempt (last: {expired}): placement not testable")
 
 
 def test_greedy_through_the_daemon_equals_the_engine_in_process(daemon, tmp_path):

@@ -161,9 +161,13 @@ def test_sigterm_ends_inflight_work_with_outputs_and_leaves_no_process(daemon1):
     async def main():
         async with AsyncClient(daemon1.front, timeout=120) as c:
             task = asyncio.create_task(c.generate(prompts(6), max_tokens=LONG, ignore_eos=True))
-            await asyncio.sleep(0.5)
+            # All 6 must be in flight when the signal lands: ones that reach the worker after it are
+            # refused (ShuttingDown), as they should be. A fixed sleep was not enough: on CI the machine
+            # froze, and 5 of 6 arrived after the signal.
+            canary = await decoding(c, prompts(1, start=90)[0])
             daemon1.proc.send_signal(signal.SIGTERM)
-            return await asyncio.wait_for(task, 60)
+            results = await asyncio.wait_for(task, 60)
+            return [*results, await asyncio.wait_for(canary, 60)]
     results = asyncio.run(main())
     for r in results:
         assert r.finish_reason in ("abort", "length") and len(r.token_ids) > 0

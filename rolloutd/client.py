@@ -256,7 +256,8 @@ class Client(_Base):
 
     def pause(self, mode: str = "abort", refuse: bool = False, timeout: float | None = None) -> dict:
         """Pause every worker. mode "abort": abort in flight (partial outputs returned); "wait": let in
-        flight finish (returns once drained); "keep": freeze in flight and continue them on resume.
+        flight finish (returns once drained); "keep": freeze in flight and continue them on resume. In
+        modes abort and wait, the results of the requests it ended reach this client before the reply.
         New requests wait until resume, or with refuse=True fail with Paused."""
         return self._call(p.Pause(cid=self.new_id(), mode=mode, refuse=refuse), timeout)
 

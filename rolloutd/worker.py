@@ -40,6 +40,8 @@ PAUSE_MODES = ("abort", "wait", "keep")
 # next, instead of all three working one after the other. And at most this many bytes of ids and text,
 # a quarter of the protocol's limits on a frame and on a header.
 _BATCH_RESULTS = 64
+# A pause in mode abort or wait answers once the requests it ended have sent their results: at most this long.
+_PAUSE_SETTLE_S = 10.0
 _MAX_BATCH_BYTES = p.MAX_FRAME_BYTES // 4
 
 
@@ -286,7 +288,12 @@ class Worker:
             # vLLM does the mode's work in its scheduler: abort, drain, or freeze what it holds; requests
             # that arrive while paused wait in it until resume.
             self.paused, self.refuse_while_paused = mode, refuse
+            before = list(self.tasks.values())
             await self.engine.pause_generation(mode=mode, clear_cache=mode != "keep")
+            if mode != "keep" and before:
+                # vLLM is done with them; their tasks end in a moment. Waiting for that puts every result
+                # on the wire ahead of this reply, so the caller has them all once pause returns.
+                await asyncio.wait(before, timeout=_PAUSE_SETTLE_S)
         elif mode == "keep":
             raise Unsupported(f"vLLM {eng.vllm_version()} cannot freeze requests (pause mode keep)")
         else:

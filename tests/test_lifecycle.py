@@ -19,15 +19,16 @@ from .test_daemon import prompts
 pytestmark = pytest.mark.slow
 
 
-async def decoding(c, prompt) -> asyncio.Task:
-    """Stream one more long request and return once its first token is in, with the task that collects
-    the rest: every request sent before it is decoding by then (the engine takes them in order). A fixed
-    sleep is not enough here: a frozen machine can leave requests with no token yet when the test aborts."""
+async def decoding(c, prompt, max_tokens=LONG, request_id=None) -> asyncio.Task:
+    """Stream one more request and return once its first token is in, with the task that collects the
+    rest (its last event, the final Result): every request sent before it is decoding by then (the engine
+    takes them in order). A fixed sleep is not enough here: a frozen machine can leave requests with no
+    token yet, or not even at the worker, when the test acts."""
     first = asyncio.Event()
 
     async def run():
         events = []
-        async for ev in c.stream(prompt, max_tokens=LONG, ignore_eos=True):
+        async for ev in c.stream(prompt, max_tokens=max_tokens, ignore_eos=True, request_id=request_id):
             events.append(ev)
             first.set()
         return events[-1]
@@ -59,14 +60,11 @@ def test_abort_all_returns_every_long_generation_within_a_second_with_partial_ou
 def test_abort_one_of_eight_leaves_the_others_running(daemon1):
     async def main():
         async with AsyncClient(daemon1.front, timeout=120) as c:
-            rids = [f"one-of-eight-{i}" for i in range(8)]
-            victim = asyncio.create_task(c.generate(prompts(1), max_tokens=LONG, ignore_eos=True, request_ids=rids[3:4]))
-            rest = asyncio.create_task(c.generate(prompts(7, start=50), max_tokens=1000, ignore_eos=True,
-                                                  request_ids=rids[:3] + rids[4:]))
-            await asyncio.sleep(0.3)
-            reply = await c.abort([rids[3], "no-such-request"], timeout=30)
+            rest = asyncio.create_task(c.generate(prompts(7, start=50), max_tokens=1000, ignore_eos=True))
+            victim = await decoding(c, prompts(1)[0], request_id="one-of-eight")
+            reply = await c.abort(["one-of-eight", "no-such-request"], timeout=30)
             return reply, await asyncio.wait_for(victim, 30), await asyncio.wait_for(rest, 120)
-    reply, (aborted,), rest = asyncio.run(main())
+    reply, aborted, rest = asyncio.run(main())
     assert reply["broker"]["unknown"] == ["no-such-request"]
     assert aborted.finish_reason == "abort" and 0 < len(aborted.token_ids) < LONG
     assert all(r.finish_reason == "length" and len(r.token_ids) == 1000 for r in rest)
@@ -96,15 +94,16 @@ def test_pause_wait_lets_in_flight_finish(daemon1):
     async def main():
         async with AsyncClient(daemon1.front, timeout=120) as c:
             task = asyncio.create_task(c.generate(prompts(4), max_tokens=300, ignore_eos=True))
-            await asyncio.sleep(0.3)
+            canary = await decoding(c, prompts(1, start=90)[0], max_tokens=300)
             reply = await c.pause("wait", timeout=60)
-            done_at_reply = task.done()
             await c.resume(timeout=30)
-            return reply, done_at_reply, await asyncio.wait_for(task, 60)
-    reply, done_at_reply, results = asyncio.run(main())
+            return reply, await asyncio.wait_for(task, 60) + [await asyncio.wait_for(canary, 60)]
+    reply, results = asyncio.run(main())
     assert reply["ok"], reply
+    (worker,) = [v for k, v in reply.items() if isinstance(v, dict)]
+    # the reply comes once the 5 in flight at the pause have finished, not before
+    assert worker["inflight_at_pause"] == 5 and worker["inflight"] == 0, worker
     assert all(r.finish_reason == "length" and len(r.token_ids) == 300 for r in results)
-    assert done_at_reply or all(r.finish_reason == "length" for r in results)
 
 
 def test_pause_keep_freezes_and_resume_continues_without_loss(daemon1):

@@ -21,8 +21,21 @@ import zmq
 from . import config
 from . import protocol as p
 from .errors import Busy, InternalError, ProtocolError, RolloutdError, ShuttingDown, WorkerLost
+from .stopping import StopRequests
 
 log = logging.getLogger("rolloutd.broker")
+
+# While stopping, the loop wakes at least this often to move the stop along.
+_STOP_POLL_S = 0.05
+# After aborting what was left at a stop, how long partial outputs are waited for before the rest fail.
+_ABORT_GRACE_S = 5.0
+# After a stop has ended the work, how long the broker goes on serving before it closes. Closing right
+# after a burst of forwarded messages (a stalled broker catching up) lost the last ones to a client in
+# about half of the stops on a 2-core VM, though the sockets reported them sent; with this pause, none in
+# 5. The cause (the connection reset at close?) is not pinned down.
+_SETTLE_S = 1.0
+# At exit, how long messages still queued may take to leave (a gone peer cannot hold the exit longer).
+_FLUSH_MS = 10_000
 
 # Commands the broker sends to every worker and answers with one aggregated reply.
 _FANOUT = (p.Cmd.ABORT_ALL, p.Cmd.PAUSE, p.Cmd.RESUME, p.Cmd.SLEEP, p.Cmd.WAKE, p.Cmd.LOAD_WEIGHTS)
@@ -34,6 +47,7 @@ class WorkerEntry:
     ready: p.Ready
     expiry: float
     load: int = 0  # sequences (prompt x n) in flight here
+    stopping: bool = False  # draining: gets nothing new, and says goodbye when done
     rids: set = field(default_factory=set)
 
     @property
@@ -65,12 +79,13 @@ class Broker:
     def __init__(self, front: str = config.FRONT, back: str = config.BACK, *,
                  heartbeat_s: float = config.HEARTBEAT_S, liveness: int = config.LIVENESS,
                  max_pending: int = config.MAX_PENDING, control_timeout_s: float = config.CONTROL_TIMEOUT_S,
-                 ctx: zmq.Context | None = None):
+                 drain_s: float = 30.0, ctx: zmq.Context | None = None):
         self.ctx = ctx or zmq.Context.instance()
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
         self.max_pending = max_pending
         self.control_timeout_s = control_timeout_s
+        self.drain_s = drain_s
         self.front = self._bind(front)
         self.back = self._bind(back)
         # A restarted worker reconnects under the same identity; let the new connection take it over.
@@ -81,7 +96,9 @@ class Broker:
         self.requests: dict[str, Request] = {}
         self.pending: collections.deque[str] = collections.deque()
         self.controls: dict[str, Control] = {}
-        self._stop = False
+        self.stops = StopRequests()
+        self._drain_until: float | None = None  # set when a stop begins
+        self._aborted_at: float | None = None  # when what was left got its abort
         self._next_beat = 0.0
 
     def _bind(self, address: str) -> zmq.Socket:
@@ -96,13 +113,14 @@ class Broker:
 
     # ------------------------------------------------------------------------------------------ the loop
 
-    def stop(self, *_args) -> None:
-        """Ask the loop to end (safe from a signal handler: it only sets state)."""
-        self._stop = True
+    def stop(self) -> None:
+        """End the loop now, failing what is in flight with ShuttingDown (safe from any thread: it only
+        sets state). Signals go through stops instead: drain first (see _stopping)."""
+        self.stops.force(3)
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.stops.signal)
+        signal.signal(signal.SIGINT, self.stops.signal)
 
     def run(self) -> None:
         log.info("broker: clients on %s, workers on %s", self.front_address, self.back_address)
@@ -110,24 +128,63 @@ class Broker:
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
         try:
-            while not self._stop:
+            while not (self.stops.level and self._stopped()):
                 timeout_ms = max(0.0, self._next_beat - time.monotonic()) * 1000
-                for sock, _ in poller.poll(timeout_ms):
-                    # Take what is queued, bounded so one busy side cannot starve the other; what is left
-                    # makes the next poll return at once.
-                    for _ in range(256):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        if sock is self.front:
-                            self._on_client(frames[0], frames[1:])
-                        else:
-                            self._on_worker(frames[0], frames[1:])
+                if self.stops.level:
+                    timeout_ms = min(timeout_ms, _STOP_POLL_S * 1000)
+                self._serve(poller, timeout_ms)
                 if time.monotonic() >= self._next_beat:
                     self._tick()
+            if self.stops.level < 3:
+                self._settle(poller)
         finally:
             self._shutdown()
+
+    def _serve(self, poller: zmq.Poller, timeout_ms: float) -> None:
+        for sock, _ in poller.poll(timeout_ms):
+            # Take what is queued, bounded so one busy side cannot starve the other; what is left makes the
+            # next poll return at once.
+            for _ in range(256):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if sock is self.front:
+                    self._on_client(frames[0], frames[1:])
+                else:
+                    self._on_worker(frames[0], frames[1:])
+
+    def _settle(self, poller: zmq.Poller) -> None:
+        """Before closing: go on serving (answers only: nothing is in flight) for _SETTLE_S."""
+        until = time.monotonic() + _SETTLE_S
+        while time.monotonic() < until:
+            self._serve(poller, max(0.0, until - time.monotonic()) * 1000)
+
+    def _stopped(self) -> bool:
+        """One step of a stop; True once the loop may end. Like a worker's: take nothing new, let what is in
+        flight finish until drain_s, then abort it at its workers and forward the partial outputs that
+        come back (for up to _ABORT_GRACE_S). A second signal skips to the abort, a third ends at once.
+        Under systemd or slurm the workers got the same signal and drain alongside."""
+        now = time.monotonic()
+        if self.stops.level >= 3:
+            return True
+        if self._drain_until is None:
+            self._drain_until = now + self.drain_s
+            log.info("stopping: %d request(s) in flight may finish for up to %.0f s", len(self.requests), self.drain_s)
+            self._abort_pending(list(self.pending))
+        # Done once nothing is in flight and no stopping worker still owes its goodbye (it waits for our BYE).
+        if not self.requests and not any(w.stopping for w in self.workers.values()):
+            return True
+        if self.requests and self._aborted_at is None and (self.stops.level >= 2 or now >= self._drain_until):
+            self._aborted_at = now
+            log.info("stopping: aborting %d request(s) still in flight", len(self.requests))
+            by_worker: dict[bytes, list[str]] = {}
+            for rid, req in self.requests.items():
+                if req.worker is not None:
+                    by_worker.setdefault(req.worker, []).append(rid)
+            for ident, rids in by_worker.items():  # their replies match no open control: dropped
+                self.back.send_multipart([ident, *p.encode(p.Abort(cid="broker-stopping", rids=rids))])
+        return now - (self._aborted_at or self._drain_until) > _ABORT_GRACE_S
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -157,8 +214,10 @@ class Broker:
             self._fail(rid, ShuttingDown("the broker is stopping"))
         for w in self.workers.values():
             self.back.send_multipart([w.ident, *p.encode(p.Disconnect(reason="broker stopping"))])
-        self.front.close(0)
-        self.back.close(0)
+        # What was just sent (the last results, these errors) may still sit in the sockets' queues: closing
+        # with no linger would drop it, and a client would wait for results that were already here.
+        self.front.close(linger=_FLUSH_MS)
+        self.back.close(linger=_FLUSH_MS)
         log.info("broker stopped")
 
     # ------------------------------------------------------------------------------------------ clients
@@ -189,6 +248,9 @@ class Broker:
                                             message=f"{type(msg).__name__} is not a client command"))
 
     def _on_generate(self, client: bytes, msg: p.Generate, frames: list) -> None:
+        if self.stops.level:
+            self._to_client(client, p.Error(code=ShuttingDown.code, rid=msg.rid, message="the broker is stopping"))
+            return
         if msg.rid in self.requests:
             self._to_client(client, p.Error(code="bad_request", rid=msg.rid,
                                             message=f"request id {msg.rid!r} is already in flight"))
@@ -277,8 +339,9 @@ class Broker:
             return
         if w is None:
             # A worker from before a broker restart, or one we expired: make it start over with READY.
-            if cmd is not p.Cmd.DISCONNECT:
-                self.back.send_multipart([ident, *p.encode(p.Disconnect(reason="unknown worker; send READY"))])
+            # One that is leaving gets its goodbye all the same (see below).
+            reason = p.BYE if cmd is p.Cmd.DISCONNECT else "unknown worker; send READY"
+            self.back.send_multipart([ident, *p.encode(p.Disconnect(reason=reason))])
             return
         w.expiry = time.monotonic() + self.heartbeat_s * self.liveness
         if cmd is p.Cmd.RESULT or (cmd is p.Cmd.ERROR and msg.rid):
@@ -295,9 +358,14 @@ class Broker:
         elif cmd is p.Cmd.REPLY or cmd is p.Cmd.ERROR:
             self._on_control_reply(w, msg, frames)
         elif cmd is p.Cmd.HEARTBEAT:
-            pass
+            if msg.stopping and not w.stopping:
+                log.info("worker %s is stopping: nothing new goes there", w.name)
+            w.stopping = msg.stopping
         elif cmd is p.Cmd.DISCONNECT:
             self._drop_worker(w, f"worker {w.name} disconnected: {msg.reason}")
+            # The goodbye back tells a stopping worker that all it sent before has been read here: only then
+            # may it close. Closing earlier lost its last results (see Worker._session).
+            self.back.send_multipart([ident, *p.encode(p.Disconnect(reason=p.BYE))])
         else:
             log.warning("worker %s sent %s, which workers do not send", w.name, type(msg).__name__)
 
@@ -405,7 +473,7 @@ class Broker:
         """The least-loaded worker with room for n more sequences (an idle worker takes any n)."""
         best, best_frac = None, None
         for w in self.workers.values():
-            if w.load and w.load + n > w.ready.capacity:
+            if w.stopping or (w.load and w.load + n > w.ready.capacity):
                 continue
             frac = w.load / w.ready.capacity
             if best is None or frac < best_frac:

@@ -126,16 +126,23 @@ def cmd_up(a) -> int:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(i, workers, a.tensor_parallel_size)
         cmd = child_cmd("worker", "--broker", a.back, "--id", f"{host}-w{i}", *_passthrough(a))
         worker_cmds.append((cmd, env))
-    broker = child_cmd("broker", "--front", a.front, "--back", a.back, "--heartbeat-s", str(a.heartbeat_s))
-    return Launcher(broker, worker_cmds, a.front).run()
+    # The broker drains as long as the workers: systemd and slurm signal it together with them.
+    broker = child_cmd("broker", "--front", a.front, "--back", a.back, "--heartbeat-s", str(a.heartbeat_s),
+                       "--drain-s", str(a.drain_s))
+    # Past the drain, a worker still aborts, delivers and shuts its engine down: then the launcher kills.
+    return Launcher(broker, worker_cmds, a.front, stop_timeout_s=a.drain_s + 60).run()
 
 
 def cmd_broker(a) -> int:
     from .broker import Broker
 
-    b = Broker(a.front, a.back, heartbeat_s=a.heartbeat_s, max_pending=a.max_pending)
+    import zmq
+
+    ctx = zmq.Context()  # its own, so that ending it waits for the last messages to leave
+    b = Broker(a.front, a.back, heartbeat_s=a.heartbeat_s, max_pending=a.max_pending, drain_s=a.drain_s, ctx=ctx)
     b.install_signal_handlers()
     b.run()
+    ctx.term()
     return 0
 
 
@@ -230,8 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("up", help="broker + local workers in the foreground (systemd / slurm ready)",
-                       description="Start a broker and N local workers; stop them all on SIGTERM / Ctrl-C "
-                                   "(workers drain first, a second signal stops at once).")
+                       description="Start a broker and N local workers; stop them all on SIGTERM / Ctrl-C: "
+                                   "requests in flight may finish for --drain-s, the rest are aborted with their "
+                                   "partial outputs delivered. A second signal (a second or more later) aborts at "
+                                   "once, a third kills.")
     p.add_argument("--workers", type=int, default=0, help="workers to start (default: one per GPU group, 1 on CPU)")
     p.add_argument("--front", default=config.FRONT, help=f"address for clients (default {config.FRONT})")
     p.add_argument("--back", default=config.BACK, help=f"address for workers (default {config.BACK})")
@@ -245,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--back", default=config.BACK, help=f"address for workers (default {config.BACK})")
     p.add_argument("--max-pending", type=int, default=config.MAX_PENDING,
                    help=f"requests held while every worker is full, then refused as busy (default {config.MAX_PENDING})")
+    p.add_argument("--drain-s", type=float, default=30.0,
+                   help="on SIGTERM, how long requests in flight may still finish before the broker aborts them at "
+                        "their workers and forwards the partial outputs (default 30; a second signal aborts at once)")
     _liveness_args(p)
     p.set_defaults(func=cmd_broker)
 

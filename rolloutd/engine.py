@@ -5,8 +5,11 @@ sleep/wake_up, collective_rpc and worker_extension_cls. Anything newer is gated 
 from __future__ import annotations
 
 import array
+import asyncio
 import inspect
 import logging
+import math
+import os
 from dataclasses import dataclass, field
 
 from . import protocol as p
@@ -29,6 +32,7 @@ class EngineOptions:
     seed: int = 0
     enforce_eager: bool = False
     enable_sleep_mode: bool = False
+    drain_s: float | None = None  # how long vLLM may drain too, if a signal reaches its processes directly
     extra: dict = field(default_factory=dict)  # any other AsyncEngineArgs field, by name
 
 
@@ -63,8 +67,30 @@ def build_engine(opts: EngineOptions):
         kwargs["kv_cache_memory_bytes"] = int(kv_gb * (1 << 30))
     if opts.max_num_seqs:
         kwargs["max_num_seqs"] = opts.max_num_seqs
+    if opts.drain_s is not None and "shutdown_timeout" in AsyncEngineArgs.__dataclass_fields__:
+        # vLLM's engine process aborts everything it holds on SIGTERM unless given a drain time; the
+        # worker aborts what is left at drain_s itself, so the engine's own limit comes a little later.
+        kwargs["shutdown_timeout"] = math.ceil(opts.drain_s) + 5
     kwargs.update(opts.extra)
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+
+async def shield_signals(engine, on: bool) -> bool:
+    """Have vLLM's engine processes ignore SIGTERM/SIGINT (on) or take them again (off): see
+    hijack.extension.WorkerExtension.rolloutd_shield_signals. Returns whether the engine-core process
+    itself was among them: only then must the shield come off before shutdown, since vLLM stops that
+    process with SIGTERM (its model-runner processes it stops through a pipe). Best effort: an engine
+    shutting down refuses the call, and its processes then end through vLLM's own shutdown."""
+    if getattr(engine, "errored", False):
+        return False  # its processes are gone or going
+    try:
+        names = await asyncio.wait_for(engine.collective_rpc("rolloutd_shield_signals", args=(on, os.getpid())),
+                                       timeout=3.0)
+    except Exception as e:  # noqa: BLE001 - the engine's own stop path remains
+        log.warning("could not turn the engine's signal shield %s: %s", "on" if on else "off", e)
+        return False
+    log.debug("engine signal shield %s in %s", "on" if on else "off", names)
+    return any(n.startswith("EngineCore") for n in names)
 
 
 def max_num_seqs(engine) -> int:

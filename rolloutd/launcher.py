@@ -3,8 +3,9 @@
 Each child runs in its own process session, so that its whole tree (vLLM's engine processes included)
 can be signalled as one group: nothing is left behind when a worker dies or the daemon stops. Stopping
 (SIGTERM, or Ctrl-C) goes workers first, so that they drain and their last results still reach clients
-through the broker, then the broker. A second signal kills everything at once. Readiness is announced
-on stdout and to systemd (sd_notify READY=1) once every worker has registered.
+through the broker, then the broker. A second signal stops them at once (workers still send what they
+hold as partial outputs), a third kills. Readiness is announced on stdout and to systemd (sd_notify
+READY=1) once every worker has registered.
 """
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ import time
 
 from .client import Client
 from .errors import RolloutdError
+from .stopping import StopRequests
 
 log = logging.getLogger("rolloutd.up")
 
 _POLL_S = 0.2
+# After a second signal, how long children get to stop at once before they are killed: a worker aborts its
+# requests and sends their partial outputs first, well within this.
+_AT_ONCE_S = 5.0
 
 
 def sd_notify(state: str) -> None:
@@ -56,22 +61,19 @@ class Launcher:
         self.stop_timeout_s = stop_timeout_s
         self.broker: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
-        self._signals = 0
-
-    def _on_signal(self, signum, _frame) -> None:
-        self._signals += 1  # only state here; the loop acts on it
+        self.stops = StopRequests()  # the signal handler only counts; the loops act on it
 
     def _spawn(self, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
         return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True)
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self.stops.signal)
+        signal.signal(signal.SIGINT, self.stops.signal)
         self.broker = self._spawn(self.broker_cmd)
         self.workers = [self._spawn(cmd, env) for cmd, env in self.worker_cmds]
         try:
             if not self._wait_ready():
-                return 1
+                return 0 if self.stops.level else 1  # asked to stop while starting: a normal stop
             rc = self._watch()
         finally:
             self._stop()
@@ -81,7 +83,7 @@ class Launcher:
         want = len(self.workers)
         deadline = time.monotonic() + self.ready_timeout_s
         with Client(self.front, timeout=2.0) as c:
-            while not self._signals:
+            while not self.stops.level:
                 if self._dead():
                     return False
                 try:
@@ -112,7 +114,7 @@ class Launcher:
         return all(w.poll() is not None for w in self.workers)
 
     def _watch(self) -> int:
-        while not self._signals:
+        while not self.stops.level:
             if self._dead():
                 return 1
             time.sleep(_POLL_S)
@@ -121,24 +123,43 @@ class Launcher:
     def _stop(self) -> None:
         sd_notify("STOPPING=1")
         print("rolloutd: stopping (again to stop at once)", flush=True)
+        # The signal goes to each child's main process only: a worker owns its engine's stop (stopping.py).
         for w in self.workers:
-            _killpg(w, signal.SIGTERM)
+            _kill(w, signal.SIGTERM)
         self._wait(self.workers)
-        _killpg(self.broker, signal.SIGTERM)
+        _kill(self.broker, signal.SIGTERM)
         self._wait([self.broker])
         for p in [*self.workers, self.broker]:
             _killpg(p, signal.SIGKILL)  # anything left in the groups (engine processes) goes too
         print("rolloutd: stopped", flush=True)
 
     def _wait(self, procs: list[subprocess.Popen]) -> None:
+        """Until procs exit. A second signal passes on to them (a worker then aborts what it holds at once and
+        still delivers the partial outputs) with _AT_ONCE_S to go; a third, or the stop timeout, kills."""
         deadline = time.monotonic() + self.stop_timeout_s
-        seen = self._signals
+        seen = max(self.stops.level, 1)
         while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline or self._signals > max(seen, 1):
+            if self.stops.level > seen:
+                seen = self.stops.level
+                if seen == 2:
+                    for p in procs:
+                        _kill(p, signal.SIGTERM)
+                    deadline = min(deadline, time.monotonic() + _AT_ONCE_S)
+                else:
+                    deadline = 0.0
+            if time.monotonic() > deadline:
                 for p in procs:
                     _killpg(p, signal.SIGKILL)
-                seen = self._signals
+                return
             time.sleep(0.05)
+
+
+def _kill(proc: subprocess.Popen | None, sig: int) -> None:
+    if proc is not None and proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
 
 
 def _killpg(proc: subprocess.Popen | None, sig: int) -> None:

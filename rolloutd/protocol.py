@@ -108,16 +108,22 @@ class Ready(Message):
 
 @dataclass
 class Heartbeat(Message):
-    """Both ways, every interval; a worker's also says how much it holds."""
+    """Both ways, every interval; a worker's also says how much it holds, and whether it is stopping (sent at
+    once when it starts to: the broker places nothing new there, and waits for its goodbye)."""
     CMD = Cmd.HEARTBEAT
     inflight: int = 0
+    stopping: bool = False
 
 
 @dataclass
 class Disconnect(Message):
-    """Either way: this session is over (a worker stopping, or a broker that does not know the sender)."""
+    """Either way: this session is over (a worker stopping, or a broker that does not know the sender).
+    The broker answers a worker's with reason BYE once it has read everything that worker sent before."""
     CMD = Cmd.DISCONNECT
     reason: str = ""
+
+
+BYE = "bye"
 
 
 # ------------------------------------------------------------------------------------------- generation

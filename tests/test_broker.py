@@ -1,5 +1,6 @@
 """Broker rules, isolated: a real Broker in a thread, fake workers that are plain DEALER sockets driven by
 the test. (That the whole path works with real vLLM workers is tests/test_daemon.py's job.)"""
+import contextlib
 import threading
 import time
 
@@ -10,7 +11,7 @@ import zmq
 from rolloutd import protocol as p
 from rolloutd.broker import Broker
 from rolloutd.client import Client
-from rolloutd.errors import Busy, WorkerLost
+from rolloutd.errors import Busy, ShuttingDown, WorkerLost
 
 HB = 0.1
 # Fake workers beat only when a test says so; 10 intervals (1 s) keeps them alive through a test's own
@@ -18,13 +19,12 @@ HB = 0.1
 LIVENESS = 10
 
 
-@pytest.fixture
-def broker():
+def start_broker(**kw) -> tuple[Broker, threading.Thread]:
     box, ready = {}, threading.Event()
 
     def run():
         b = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", heartbeat_s=HB, liveness=LIVENESS, max_pending=4,
-                   control_timeout_s=1.0, ctx=zmq.Context.instance())
+                   control_timeout_s=1.0, ctx=zmq.Context.instance(), **kw)
         box["b"] = b
         ready.set()
         b.run()
@@ -32,9 +32,23 @@ def broker():
     t = threading.Thread(target=run, daemon=True)
     t.start()
     assert ready.wait(5)
-    yield box["b"]
-    box["b"].stop()
-    t.join(5)
+    return box["b"], t
+
+
+@contextlib.contextmanager
+def running_broker(**kw):
+    b, t = start_broker(**kw)
+    try:
+        yield b, t
+    finally:
+        b.stop()
+        t.join(5)
+
+
+@pytest.fixture
+def broker():
+    with running_broker() as (b, _):
+        yield b
 
 
 def recv(sock, timeout=2.0):
@@ -264,3 +278,46 @@ def test_a_bad_results_batch_fails_its_requests_instead_of_dropping_them(broker)
     assert (got1.CMD, got1.rid, got1.code) == (p.Cmd.ERROR, "bad-one", "internal")
     assert (got2.CMD, got2.rid, got2.code) == (p.Cmd.ERROR, "bad-two", "internal")
     assert broker.status()["requests"] == 0
+
+
+def test_a_stopping_broker_refuses_new_work_drains_then_aborts_and_forwards_the_partials():
+    with running_broker(drain_s=0.5) as (b, t):
+        w = FakeWorker(b, "a")
+        c = raw_client(b)
+        c.send_multipart(gen("quick"))
+        c.send_multipart(gen("slow", n=2))
+        quick, slow = w.next(), w.next()
+        b.stops.signal()  # what SIGTERM does
+        c.send_multipart(gen("late"))
+        err = recv(c)
+        assert err.CMD is p.Cmd.ERROR and err.code == ShuttingDown.code and err.rid == "late"
+        w.finish(quick)  # finishes within the drain: delivered as usual
+        assert recv(c).rid == "quick"
+        abort = w.next(timeout=3.0)  # the drain is over: what is left is aborted at its worker
+        assert abort.CMD is p.Cmd.ABORT and abort.rids == ["slow"]
+        w.finish(slow, tokens=(4,))  # its partial output
+        res = recv(c)
+        assert res.rid == "slow" and p.unpack_ids(res.frames[1]) == [4]
+        t.join(3)
+        assert not t.is_alive(), "the broker did not end once nothing was in flight"
+
+
+def test_a_second_stop_aborts_at_once_and_a_silent_worker_cannot_hold_the_broker():
+    with running_broker(drain_s=60) as (b, t):
+        w = FakeWorker(b, "a")
+        c = raw_client(b)
+        c.send_multipart(gen("long"))
+        w.next()
+        b.stops.signal()
+        assert w.has_nothing(within=0.3)  # draining
+        b.stops.force(2)  # a second signal
+        abort = w.next()
+        assert abort.CMD is p.Cmd.ABORT and abort.rids == ["long"]
+        # the worker beats but never answers: after the grace the request fails, and the broker ends
+        deadline = time.monotonic() + 10
+        while not c.poll(50) and time.monotonic() < deadline:
+            w.beat()
+        err = recv(c)
+        assert err.CMD is p.Cmd.ERROR and err.code == ShuttingDown.code and err.rid == "long"
+        t.join(3)
+        assert not t.is_alive()

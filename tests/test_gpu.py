@@ -1,6 +1,7 @@
 """GPU-only paths, run on the lent H100 (see perf/results/gpu-tests.log): the worker reports its GPU UUID,
 greedy through the daemon equals vLLM in-process on the GPU, vLLM sleep level 1 and wake_up through the
-broker, abort all with 512 requests in flight."""
+broker, abort all with 512 requests in flight, and a stop signal sent to every process (as systemd and
+slurm do) that still drains: with one GPU, vLLM's engine-core process hosts the model itself."""
 import asyncio
 import time
 
@@ -11,6 +12,7 @@ torch = pytest.importorskip("torch")
 from rolloutd import AsyncClient, Client, Paused  # noqa: E402
 
 from .conftest import Daemon, inprocess_greedy  # noqa: E402
+from .test_lifecycle import stop_every_process_and_check  # noqa: E402
 from .test_daemon import prompts  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -67,3 +69,7 @@ def test_abort_all_with_512_in_flight_closes_every_stream(gpu_daemon):
     assert reply["ok"]
     assert len(results) == 512 and all(r.finish_reason == "abort" for r in results)
     assert took < 1.0, took
+
+
+def test_a_stop_signal_to_every_process_still_drains_on_gpu(tmp_path):
+    stop_every_process_and_check(Daemon(tmp_path / "up.log", workers=1, extra=("--drain-s", "3", *ENGINE)))

@@ -3,7 +3,7 @@
 One worker here: on these 2-core machines two CPU engines decoding long batches side by side starve every
 other process for seconds (measured: an unrelated process sleeping 10 ms woke 3.3 s late), which is not
 what these tests are about. Spreading over two workers is test_daemon.py's. The SIGTERM test stops the
-daemon, so it stays last.
+daemon, so it stays the last of those on it; the ones after it start daemons of their own.
 """
 import asyncio
 import signal
@@ -12,8 +12,9 @@ import time
 import pytest
 
 from rolloutd import AsyncClient, Client, Paused
+from rolloutd.stopping import SAME_STOP_S
 
-from .conftest import LONG, group_alive, timed_attempts, wait_until
+from .conftest import LONG, Daemon, FreezeWatch, group_alive, timed_attempts, wait_until
 from .test_daemon import prompts
 
 pytestmark = pytest.mark.slow
@@ -93,17 +94,20 @@ def test_pause_abort_returns_partials_and_new_requests_wait_for_resume(daemon1):
 def test_pause_wait_lets_in_flight_finish(daemon1):
     async def main():
         async with AsyncClient(daemon1.front, timeout=120) as c:
-            task = asyncio.create_task(c.generate(prompts(4), max_tokens=300, ignore_eos=True))
-            canary = await decoding(c, prompts(1, start=90)[0], max_tokens=300)
-            reply = await c.pause("wait", timeout=60)
+            task = asyncio.create_task(c.generate(prompts(4), max_tokens=3000, ignore_eos=True))
+            canary = await decoding(c, prompts(1, start=90)[0], max_tokens=3000)
+            with FreezeWatch() as fw:
+                reply = await c.pause("wait", timeout=60)
             await c.resume(timeout=30)
-            return reply, await asyncio.wait_for(task, 60) + [await asyncio.wait_for(canary, 60)]
-    reply, results = asyncio.run(main())
+            return reply, await asyncio.wait_for(task, 60) + [await asyncio.wait_for(canary, 60)], fw.total_s
+    reply, results, frozen_s = asyncio.run(main())
     assert reply["ok"], reply
     (worker,) = [v for k, v in reply.items() if isinstance(v, dict)]
-    # the reply comes once the 5 in flight at the pause have finished, not before
-    assert worker["inflight_at_pause"] == 5 and worker["inflight"] == 0, worker
-    assert all(r.finish_reason == "length" and len(r.token_ids) == 300 for r in results)
+    # the reply comes once the 5 in flight at the pause have finished, not before (3000 tokens take
+    # seconds here: all 5 are still running when the pause lands, unless this machine froze meanwhile)
+    assert worker["inflight"] == 0, worker
+    assert worker["inflight_at_pause"] == 5 or frozen_s > 0.5, (worker, frozen_s)
+    assert all(r.finish_reason == "length" and len(r.token_ids) == 3000 for r in results)
 
 
 def test_pause_keep_freezes_and_resume_continues_without_loss(daemon1):
@@ -154,22 +158,98 @@ def test_sleep_on_a_cpu_engine_says_unsupported_and_serving_goes_on(daemon1):
         assert len(c.generate(prompts(1), max_tokens=4)[0].token_ids) >= 1
 
 
-def test_sigterm_ends_inflight_work_with_outputs_and_leaves_no_process(daemon1):
+def test_sigterm_drains_then_aborts_and_leaves_no_process(daemon1):
+    """`rolloutd up` takes SIGTERM: short requests finish within the drain (2 s here), long ones end
+    aborted with their partial output, every process exits, 0."""
     pids = daemon1.worker_pids()
 
     async def main():
         async with AsyncClient(daemon1.front, timeout=120) as c:
-            task = asyncio.create_task(c.generate(prompts(6), max_tokens=LONG, ignore_eos=True))
-            # All 6 must be in flight when the signal lands: ones that reach the worker after it are
+            short = asyncio.create_task(c.generate(prompts(3), max_tokens=200, ignore_eos=True))
+            long = asyncio.create_task(c.generate(prompts(3, start=40), max_tokens=LONG, ignore_eos=True))
+            # All must be in flight when the signal lands: ones that reach the worker after it are
             # refused (ShuttingDown), as they should be. A fixed sleep was not enough: on CI the machine
             # froze, and 5 of 6 arrived after the signal.
             canary = await decoding(c, prompts(1, start=90)[0])
-            daemon1.proc.send_signal(signal.SIGTERM)
-            results = await asyncio.wait_for(task, 60)
-            return [*results, await asyncio.wait_for(canary, 60)]
-    results = asyncio.run(main())
-    for r in results:
-        assert r.finish_reason in ("abort", "length") and len(r.token_ids) > 0
-    assert daemon1.proc.wait(60) == 0, daemon1.tail()
+            with FreezeWatch() as fw:
+                daemon1.proc.send_signal(signal.SIGTERM)
+                short = await asyncio.wait_for(short, 60)
+            return short, await asyncio.wait_for(long, 60) + [await asyncio.wait_for(canary, 60)], fw.total_s
+    short, long, frozen_s = asyncio.run(main())
+    got = [(r.finish_reason, len(r.token_ids)) for r in short]
+    # 200 tokens take well under the 2 s drain, unless the host froze this machine for most of it
+    assert got == [("length", 200)] * 3 or frozen_s > 1.0, (got, frozen_s)
+    for r in long:
+        assert r.finish_reason == "abort" and 0 < len(r.token_ids) < LONG
+    rc = daemon1.proc.wait(60)
+    assert rc == 0, (rc, daemon1.tail())
     for pid in pids:
         assert wait_until(lambda: not group_alive(pid), 10), f"worker group {pid} left behind"
+
+
+def _all_processes(pid: int) -> list:
+    import psutil
+
+    top = psutil.Process(pid)
+    return [top, *top.children(recursive=True)]
+
+
+def test_a_stop_signal_to_every_process_still_drains_as_under_systemd_or_slurm(tmp_path):
+    stop_every_process_and_check(Daemon(tmp_path / "up.log", workers=1, extra=("--drain-s", "3")))
+
+
+def stop_every_process_and_check(d: Daemon) -> None:
+    """systemd (KillMode=control-group) and slurm send SIGTERM to every process of the unit or job step at
+    once, vLLM's engine processes included, and `rolloutd up` passes it on too. The drain must hold anyway:
+    short requests finish, long ones end aborted with their partial output, all exit 0. (Also run on the
+    GPU, where vLLM's processes are laid out differently: test_gpu.py.)"""
+    try:
+        procs = _all_processes(d.proc.pid)
+        assert len(procs) >= 4, procs  # launcher, broker, worker, and vLLM's engine process(es)
+
+        async def main():
+            async with AsyncClient(d.front, timeout=120) as c:
+                short = asyncio.create_task(c.generate(prompts(3), max_tokens=200, ignore_eos=True))
+                long = asyncio.create_task(c.generate(prompts(2, start=40), max_tokens=LONG, ignore_eos=True))
+                canary = await decoding(c, prompts(1, start=90)[0])
+                with FreezeWatch() as fw:
+                    for proc in procs:
+                        proc.send_signal(signal.SIGTERM)
+                    short = await asyncio.wait_for(short, 60)
+                return short, await asyncio.wait_for(long, 60) + [await asyncio.wait_for(canary, 60)], fw.total_s
+        short, long, frozen_s = asyncio.run(main())
+        got = [(r.finish_reason, len(r.token_ids)) for r in short]
+        assert got == [("length", 200)] * 3 or frozen_s > 1.5, (got, frozen_s)
+        for r in long:
+            assert r.finish_reason == "abort" and 0 < len(r.token_ids) < LONG
+        t = time.monotonic()
+        rc = d.proc.wait(90)
+        assert rc == 0, (rc, d.tail())
+        assert wait_until(lambda: not any(proc.is_running() for proc in procs), 10), \
+            [proc for proc in procs if proc.is_running()]
+        print(f"every process gone {time.monotonic() - t:.1f} s after the last result")
+    finally:
+        d.stop()
+
+
+def test_a_second_signal_stops_at_once_and_still_delivers_partial_outputs(tmp_path):
+    d = Daemon(tmp_path / "up.log", workers=1, extra=("--drain-s", "300"))
+    try:
+        async def main():
+            async with AsyncClient(d.front, timeout=120) as c:
+                long = asyncio.create_task(c.generate(prompts(4), max_tokens=LONG, ignore_eos=True))
+                canary = await decoding(c, prompts(1, start=90)[0])
+                d.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(SAME_STOP_S + 0.5)  # closer together, two signals are one stop
+                t0 = time.monotonic()
+                d.proc.send_signal(signal.SIGTERM)
+                results = await asyncio.wait_for(long, 60) + [await asyncio.wait_for(canary, 60)]
+                return results, time.monotonic() - t0
+        results, took = asyncio.run(main())
+        for r in results:
+            assert r.finish_reason == "abort" and 0 < len(r.token_ids) < LONG
+        assert took < 30, f"{took:.1f} s after the second signal: that is a drain, not a stop at once"
+        rc = d.proc.wait(60)
+        assert rc == 0, (rc, d.tail())
+    finally:
+        d.stop()

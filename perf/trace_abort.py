@@ -1,12 +1,13 @@
 """Where an abort-all's time goes: a timeline across client, broker and worker, per trial.
 
-    python perf/trace_abort.py --inflight 512 --repeat 6
+    python perf/trace_abort.py --inflight 512 --repeat 30 --detail 3
 
 Starts a broker and one worker of its own, each with a few of its methods wrapped to record when they
 ran (time.perf_counter is CLOCK_MONOTONIC, so the three processes share a clock), plus every garbage
 collection. Each trial starts k long generations, aborts them all after --after s, and prints, in ms
 from the abort call: when the worker got the abort, how long vLLM's abort took, when the requests' tasks
-finished, when the batch left the worker, when the broker forwarded it, and when the client had it all.
+finished, when the batch left the worker, when the broker forwarded it, and when the client had it all:
+one line per trial, then stage by stage for the slowest trials and the median one (where a tail comes from).
 A diagnostic, not a benchmark: the wrappers add a little to every step (bench_abort.py has the figures).
 """
 from __future__ import annotations
@@ -77,11 +78,8 @@ def serve(role: str, out: str, argv: list[str]) -> int:
 
 
 def summary(events: list, t0: float, t1: float) -> list[str]:
-    lines, seen = [], {}
-    for what, s, e, note in events:
-        if t0 - 1e-3 <= s <= t1 + 1e-3:
-            seen.setdefault(what, []).append((s, e, note))
-    for what, xs in seen.items():
+    lines = []
+    for what, xs in _by_stage(events, t0, t1).items():
         first, last = (xs[0][0] - t0) * 1e3, (xs[-1][1] - t0) * 1e3
         busy = sum(e - s for s, e, _ in xs) * 1e3
         notes = [n for *_, n in xs if n is not None][:4]
@@ -90,12 +88,41 @@ def summary(events: list, t0: float, t1: float) -> list[str]:
     return lines
 
 
+def _by_stage(events: list, t0: float, t1: float) -> dict:
+    seen = {}
+    for what, s, e, note in events:
+        if t0 - 1e-3 <= s <= t1 + 1e-3:
+            seen.setdefault(what, []).append((s, e, note))
+    return seen
+
+
+# One line per trial: when (ms after the abort call) each stage last ended, and the garbage collectors'
+# time in all three processes: a slow trial shows at a glance which stage it lost its time in.
+ROW = (("worker got a message", "abort in"), ("worker: vLLM abort", "vLLM done"),
+       ("worker: a request's task ended", "last task"), ("worker: batch packed and sent", "last batch"),
+       ("broker: worker message", "broker last"), ("client: read and split", "client last"))
+
+
+def row(t0: float, t_reply: float, t_end: float, procs: list) -> str:
+    merged = {}
+    for events in procs:
+        for what, xs in _by_stage(events, t0, t_end).items():
+            merged.setdefault(what, []).extend(xs)
+    cells = [f"{(t_end - t0) * 1e3:7.2f}", f"{(t_reply - t0) * 1e3:7.2f}"]
+    for what, _ in ROW:
+        xs = merged.get(what)
+        cells.append(f"{(max(e for _, e, _ in xs) - t0) * 1e3:7.2f}" if xs else "      -")
+    gc_ms = sum(e - s for what, xs in merged.items() if what.startswith("gc") for s, e, _ in xs) * 1e3
+    return "  ".join(cells) + f"  {gc_ms:6.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--inflight", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=6)
     ap.add_argument("--after", type=float, default=0.5)
+    ap.add_argument("--detail", type=int, default=3, help="stage by stage: the slowest N trials, and the median one")
     if sys.argv[1:2] == ["--role"]:  # internal: --role broker|worker --out FILE <rolloutd arguments>
         sys.exit(serve(sys.argv[2], sys.argv[4], sys.argv[5:]))
     a = ap.parse_args()
@@ -147,7 +174,13 @@ def main() -> None:
             p.wait(120)
     worker = json.load(open(f"{tmp}/worker.json"))
     broker = json.load(open(f"{tmp}/broker.json"))
+    print(f"{a.inflight} in flight, {a.repeat} trials; ms after the abort call (gc: all processes)")
+    print("  ".join(f"{h:>7s}" for h in ["total", "reply", *(h for _, h in ROW), "gc"]))
     for t0, t_reply, t_end, client in runs:
+        print(row(t0, t_reply, t_end, [worker, broker, client]))
+    by_time = sorted(runs, key=lambda r: r[2] - r[0])
+    shown = by_time[len(by_time) - a.detail:] + ([by_time[len(by_time) // 2]] if a.detail else [])
+    for t0, t_reply, t_end, client in shown:
         print(f"--- {a.inflight} in flight: last result at {(t_end - t0) * 1e3:.2f} ms, abort reply at "
               f"{(t_reply - t0) * 1e3:.2f} ms (ms from the abort call; notes: CPU ms or frames)")
         for events in (worker, broker, client):

@@ -108,12 +108,12 @@ def row(t0: float, t_reply: float, t_end: float, procs: list) -> str:
     for events in procs:
         for what, xs in _by_stage(events, t0, t_end).items():
             merged.setdefault(what, []).extend(xs)
-    cells = [f"{(t_end - t0) * 1e3:7.2f}", f"{(t_reply - t0) * 1e3:7.2f}"]
+    cells = [f"{(t_end - t0) * 1e3:11.2f}", f"{(t_reply - t0) * 1e3:11.2f}"]
     for what, _ in ROW:
         xs = merged.get(what)
-        cells.append(f"{(max(e for _, e, _ in xs) - t0) * 1e3:7.2f}" if xs else "      -")
+        cells.append(f"{(max(e for _, e, _ in xs) - t0) * 1e3:11.2f}" if xs else "-".rjust(11))
     gc_ms = sum(e - s for what, xs in merged.items() if what.startswith("gc") for s, e, _ in xs) * 1e3
-    return "  ".join(cells) + f"  {gc_ms:6.2f}"
+    return " ".join(cells) + f" {gc_ms:11.2f}"
 
 
 def main() -> None:
@@ -175,7 +175,7 @@ def main() -> None:
     worker = json.load(open(f"{tmp}/worker.json"))
     broker = json.load(open(f"{tmp}/broker.json"))
     print(f"{a.inflight} in flight, {a.repeat} trials; ms after the abort call (gc: all processes)")
-    print("  ".join(f"{h:>7s}" for h in ["total", "reply", *(h for _, h in ROW), "gc"]))
+    print(" ".join(f"{h:>11s}" for h in ["total", "reply", *(h for _, h in ROW), "gc"]))
     for t0, t_reply, t_end, client in runs:
         print(row(t0, t_reply, t_end, [worker, broker, client]))
     by_time = sorted(runs, key=lambda r: r[2] - r[0])

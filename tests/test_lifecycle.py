@@ -50,12 +50,16 @@ def test_abort_all_returns_every_long_generation_within_a_second_with_partial_ou
             results = await asyncio.wait_for(task, 10)
             took = time.monotonic() - t0
             results.append(await asyncio.wait_for(canary, 10))
+        if any(r.finish_reason == "length" for r in results):
+            # All LONG tokens in the 0.5 s before the abort: only if this process or the broker was frozen
+            # for seconds meanwhile (the engine runs on). timed_attempts retries if it saw that, else fails.
+            return float("inf")
         assert reply["ok"] and reply[next(k for k in reply if k != "ok")]["aborted"] == 9, reply
         for r in results:
             assert r.finish_reason == "abort" and 0 < len(r.token_ids) < LONG
         return took
 
-    timed_attempts(lambda: asyncio.run(main()), bound_s=1.0)
+    timed_attempts(lambda: asyncio.run(main()), bound_s=1.0, daemon=daemon1)
 
 
 def test_abort_one_of_eight_leaves_the_others_running(daemon1):

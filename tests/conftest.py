@@ -23,6 +23,9 @@ LIVENESS = 24
 LONG = 30000
 # Every daemon and in-process engine of the tests takes prompts plus outputs this long: LONG fits.
 MODEL_LEN = LONG + 100
+# status() against a real daemon: the product's 5 s default is no bound a frozen CI broker meets (it was
+# unscheduled for 5 s and more here), and how fast status answers is not what these tests are about.
+STATUS_S = 60.0
 
 
 def free_port() -> int:
@@ -91,7 +94,7 @@ class Daemon:
 
     def worker_pids(self) -> list[int]:
         with Client(self.front) as c:
-            return [w["pid"] for w in c.status()["workers"]]
+            return [w["pid"] for w in c.status(timeout=STATUS_S)["workers"]]
 
     def stop(self, timeout=90) -> int | None:
         if self.proc.poll() is None:

@@ -15,7 +15,8 @@ import zmq
 from rolloutd import AsyncClient, BadRequest, Client, WorkerLost
 from rolloutd import protocol as p
 
-from .conftest import HEARTBEAT_S, LIVENESS, LONG, MODEL_LEN, FreezeWatch, group_alive, inprocess_greedy, wait_until
+from .conftest import (HEARTBEAT_S, LIVENESS, LONG, MODEL_LEN, STATUS_S, FreezeWatch, group_alive, inprocess_greedy,
+                       wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ def prompts(k, length=6, start=5):
 
 def test_status_lists_both_workers(daemon):
     with Client(daemon.front) as c:
-        st = c.status()
+        st = c.status(timeout=STATUS_S)
     assert len(st["workers"]) == 2
     for w in st["workers"]:
         assert w["devices"] == ["cpu"] and w["weight_version"] == 0 and w["capacity"] > 0
@@ -87,7 +88,7 @@ def test_async_client_runs_calls_side_by_side(daemon):
     async def main():
         async with AsyncClient(daemon.front, timeout=60) as c:
             a, b, st = await asyncio.gather(c.generate(prompts(4), max_tokens=4), c.generate(prompts(3), max_tokens=4),
-                                            c.status())
+                                            c.status(timeout=STATUS_S))
             return a, b, st
     a, b, st = asyncio.run(main())
     assert len(a) == 4 and len(b) == 3 and len(st["workers"]) == 2
@@ -123,8 +124,8 @@ def test_sigkill_one_worker_fails_its_requests_fast_and_the_other_keeps_serving(
         # LONG tokens: every request is still running when the kill lands, however fast the machine
         for m in c._generate_msgs(prompts(8), rids, False, {"max_tokens": LONG, "ignore_eos": True}):
             c._send(m)
-        assert wait_until(lambda: all(w["inflight"] for w in ctl.status()["workers"]), 30)
-        held = ctl.status()["workers"][0]
+        assert wait_until(lambda: all(w["inflight"] for w in ctl.status(timeout=STATUS_S)["workers"]), 30)
+        held = ctl.status(timeout=STATUS_S)["workers"][0]
         victim, mark = held["pid"], daemon.log_mark()
         with FreezeWatch() as fw:
             os.kill(victim, signal.SIGKILL)
@@ -141,7 +142,7 @@ def test_sigkill_one_worker_fails_its_requests_fast_and_the_other_keeps_serving(
         stalls = daemon.broker_stalls_s(mark)
         bound = HEARTBEAT_S * (LIVENESS + 1) + 1.0 + stalls + fw.total_s
         assert max(t for _, t in lost.values()) < bound, (lost, stalls, fw.total_s)
-        assert wait_until(lambda: len(ctl.status()["workers"]) == 1, 5)
+        assert wait_until(lambda: len(ctl.status(timeout=STATUS_S)["workers"]) == 1, 5)
         # the survivor still holds the other requests: they end with their partial output on abort
         assert ctl.abort_all()["ok"]
         done = {}

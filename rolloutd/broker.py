@@ -115,7 +115,7 @@ class Broker:
 
     def stop(self) -> None:
         """End the loop now, failing what is in flight with ShuttingDown (safe from any thread: it only
-        sets state). Signals go through stops instead: drain first (see _stopping)."""
+        sets state). Signals go through stops instead: drain first (see _stopped)."""
         self.stops.force(3)
 
     def install_signal_handlers(self) -> None:
@@ -178,12 +178,9 @@ class Broker:
         if self.requests and self._aborted_at is None and (self.stops.level >= 2 or now >= self._drain_until):
             self._aborted_at = now
             log.info("stopping: aborting %d request(s) still in flight", len(self.requests))
-            by_worker: dict[bytes, list[str]] = {}
-            for rid, req in self.requests.items():
-                if req.worker is not None:
-                    by_worker.setdefault(req.worker, []).append(rid)
-            for ident, rids in by_worker.items():  # their replies match no open control: dropped
-                self.back.send_multipart([ident, *p.encode(p.Abort(cid="broker-stopping", rids=rids))])
+            for w in self.workers.values():  # their replies match no open control: dropped
+                if w.rids:
+                    self.back.send_multipart([w.ident, *p.encode(p.Abort(cid="broker-stopping", rids=list(w.rids)))])
         return now - (self._aborted_at or self._drain_until) > _ABORT_GRACE_S
 
     def _tick(self) -> None:

@@ -70,27 +70,22 @@ class Daemon:
         self.log.flush()
         return os.path.getsize(self.log_path)
 
-    def broker_stalls_s(self, since: int) -> float:
-        """Seconds the broker logged as its own loop stalls after log_mark() `since`: it extends worker
-        liveness by them, so a worker's expiry comes that much later."""
+    def log_since(self, since: int) -> str:
+        """The daemon's log after log_mark() `since`."""
         with open(self.log_path, errors="replace") as f:
             f.seek(since)
-            return sum(float(m) for m in re.findall(r"broker loop stalled ([0-9.]+) s", f.read()))
+            return f.read()
 
-    def stalls_s(self, since: int) -> float:
-        """The longest stall that the broker or a worker logged after log_mark() `since`: seconds a process
-        of the daemon was not running (the host took its virtual CPU away)."""
-        with open(self.log_path, errors="replace") as f:
-            f.seek(since)
-            found = re.findall(r"(?:broker|worker) loop stalled ([0-9.]+) s", f.read())
-        return max((float(m) for m in found), default=0.0)
+    def stalls(self, since: int, who: str = "broker|worker") -> list[float]:
+        """Seconds of each loop stall that `who` (a regex: broker, worker) logged after log_mark() `since`:
+        a process of the daemon not running (the host took its virtual CPU away). The broker extends
+        worker liveness by its own, so a worker's expiry comes that much later."""
+        return [float(m) for m in re.findall(rf"(?:{who}) loop stalled ([0-9.]+) s", self.log_since(since))]
 
     def worker_expiries(self, since: int) -> list[str]:
         """The broker's log lines, after log_mark() `since`, of workers it expired for silence: a healthy
         worker frozen by the host for longer than the liveness is one, and comes back with READY."""
-        with open(self.log_path, errors="replace") as f:
-            f.seek(since)
-            return [line.strip() for line in f if "heartbeats; failing" in line]
+        return [line.strip() for line in self.log_since(since).splitlines() if "heartbeats; failing" in line]
 
     def worker_pids(self) -> list[int]:
         with Client(self.front) as c:
@@ -162,7 +157,7 @@ def timed_attempts(attempt, bound_s: float, tries: int = 3, daemon: "Daemon | No
             took = attempt()
         if took < bound_s:
             return took
-        frozen = max(fw.frozen_s, daemon.stalls_s(mark) if daemon else 0.0)
+        frozen = max([fw.frozen_s, *(daemon.stalls(mark) if daemon else [])])
         if frozen < bound_s / 2:
             raise AssertionError(f"took {took:.3f} s (bound {bound_s} s) with no machine freeze")
         freezes.append((took, frozen))

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from rolloutd import AsyncClient, Client, Paused  # noqa: E402
 
 from .conftest import Daemon, inprocess_greedy  # noqa: E402
-from .test_lifecycle import stop_every_process_and_check  # noqa: E402
+from .test_lifecycle import stop_and_check  # noqa: E402
 from .test_daemon import prompts  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -72,4 +72,5 @@ def test_abort_all_with_512_in_flight_closes_every_stream(gpu_daemon):
 
 
 def test_a_stop_signal_to_every_process_still_drains_on_gpu(tmp_path):
-    stop_every_process_and_check(Daemon(tmp_path / "up.log", workers=1, extra=("--drain-s", "3", *ENGINE)))
+    stop_and_check(Daemon(tmp_path / "up.log", workers=1, extra=("--drain-s", "3", *ENGINE)), drain_s=3.0,
+                   every_process=True)

@@ -146,22 +146,35 @@ class FreezeWatch:
         self._t.join()
 
 
-def timed_attempts(attempt, bound_s: float, tries: int = 3, daemon: "Daemon | None" = None):
-    """Run attempt() -> seconds until one meets bound_s; attempts spoilt by a machine freeze of more than
-    half the bound are retried, and if every one was, the timing is reported as unmeasurable (skip). A
-    freeze is this process's (FreezeWatch) or, given the daemon, the stalls its broker and workers logged."""
-    freezes = []
+def race_attempts(attempt, daemon: "Daemon | None" = None, tries: int = 3, freeze_s: float = 0.5):
+    """Run attempt() until it returns None (it won its race). What it returns otherwise says how it lost:
+    a test that acts while requests run (abort one, pause) loses when the requests end first, and that
+    happens when the host freezes the process that acts or carries the message while vLLM's engine
+    process runs on (CI: an abort delayed past 30000 tokens). A lost attempt is retried only if a freeze
+    of freeze_s or more was seen: this process's (FreezeWatch) or, given the daemon, the loop stalls its
+    broker and workers logged. With none seen, the loss is a failure. Every attempt lost to a freeze: skip."""
+    lost = []
     for _ in range(tries):
         mark = daemon.log_mark() if daemon else 0
         with FreezeWatch() as fw:
-            took = attempt()
-        if took < bound_s:
-            return took
-        frozen = max([fw.frozen_s, *(daemon.stalls(mark) if daemon else [])])
-        if frozen < bound_s / 2:
-            raise AssertionError(f"took {took:.3f} s (bound {bound_s} s) with no machine freeze")
-        freezes.append((took, frozen))
-    pytest.skip(f"the machine froze during every attempt (took, frozen) = {freezes}: timing not measurable")
+            why = attempt()
+        if why is None:
+            return
+        frozen = max([fw.total_s, sum(daemon.stalls(mark)) if daemon else 0.0])
+        if frozen < freeze_s:
+            log = f"\ndaemon log meanwhile:\n{daemon.log_since(mark)[-4000:]}" if daemon else ""
+            raise AssertionError(f"{why}, with no machine freeze seen{log}")
+        lost.append((why, round(frozen, 2)))
+    pytest.skip(f"the machine froze during every attempt (how it lost, frozen s) = {lost}: not measurable")
+
+
+def timed_attempts(attempt, bound_s: float, tries: int = 3, daemon: "Daemon | None" = None):
+    """race_attempts for timing: attempt() -> seconds, lost when not under bound_s; a freeze of half the
+    bound spoils an attempt."""
+    def timed():
+        took = attempt()
+        return None if took < bound_s else f"took {took:.3f} s (bound {bound_s} s)"
+    race_attempts(timed, daemon, tries, freeze_s=bound_s / 2)
 
 
 def inprocess_greedy(tmp_path, prompts, sampling, *engine_flags) -> list[list[int]]:

@@ -14,7 +14,7 @@ import pytest
 from rolloutd import AsyncClient, Client, Paused
 from rolloutd.stopping import SAME_STOP_S
 
-from .conftest import LONG, Daemon, FreezeWatch, group_alive, timed_attempts, wait_until
+from .conftest import LONG, Daemon, FreezeWatch, group_alive, race_attempts, timed_attempts, wait_until
 from .test_daemon import prompts
 
 pytestmark = pytest.mark.slow
@@ -69,10 +69,15 @@ def test_abort_one_of_eight_leaves_the_others_running(daemon1):
             victim = await decoding(c, prompts(1)[0], request_id="one-of-eight")
             reply = await c.abort(["one-of-eight", "no-such-request"], timeout=30)
             return reply, await asyncio.wait_for(victim, 30), await asyncio.wait_for(rest, 120)
-    reply, aborted, rest = asyncio.run(main())
-    assert reply["broker"]["unknown"] == ["no-such-request"]
-    assert aborted.finish_reason == "abort" and 0 < len(aborted.token_ids) < LONG
-    assert all(r.finish_reason == "length" and len(r.token_ids) == 1000 for r in rest)
+
+    def attempt():
+        reply, aborted, rest = asyncio.run(main())
+        assert reply["broker"]["unknown"] == ["no-such-request"]
+        assert all(r.finish_reason == "length" and len(r.token_ids) == 1000 for r in rest)
+        if aborted.finish_reason == "length":
+            return "the victim ran all its tokens before the abort reached vLLM"
+        assert aborted.finish_reason == "abort" and 0 < len(aborted.token_ids) < LONG, aborted
+    race_attempts(attempt, daemon1)
 
 
 def test_pause_abort_returns_partials_and_new_requests_wait_for_resume(daemon1):
@@ -100,18 +105,20 @@ def test_pause_wait_lets_in_flight_finish(daemon1):
         async with AsyncClient(daemon1.front, timeout=120) as c:
             task = asyncio.create_task(c.generate(prompts(4), max_tokens=3000, ignore_eos=True))
             canary = await decoding(c, prompts(1, start=90)[0], max_tokens=3000)
-            with FreezeWatch() as fw:
-                reply = await c.pause("wait", timeout=60)
+            reply = await c.pause("wait", timeout=60)
             await c.resume(timeout=30)
-            return reply, await asyncio.wait_for(task, 60) + [await asyncio.wait_for(canary, 60)], fw.total_s
-    reply, results, frozen_s = asyncio.run(main())
-    assert reply["ok"], reply
-    (worker,) = [v for k, v in reply.items() if isinstance(v, dict)]
-    # the reply comes once the 5 in flight at the pause have finished, not before (3000 tokens take
-    # seconds here: all 5 are still running when the pause lands, unless this machine froze meanwhile)
-    assert worker["inflight"] == 0, worker
-    assert worker["inflight_at_pause"] == 5 or frozen_s > 0.5, (worker, frozen_s)
-    assert all(r.finish_reason == "length" and len(r.token_ids) == 3000 for r in results)
+            return reply, await asyncio.wait_for(task, 60) + [await asyncio.wait_for(canary, 60)]
+
+    def attempt():
+        reply, results = asyncio.run(main())
+        assert reply["ok"], reply
+        assert all(r.finish_reason == "length" and len(r.token_ids) == 3000 for r in results)
+        (worker,) = [v for k, v in reply.items() if isinstance(v, dict)]
+        # the reply comes once the 5 in flight at the pause have finished, not before
+        assert worker["inflight"] == 0, worker
+        if worker["inflight_at_pause"] != 5:  # 3000 tokens take seconds here: all 5 still run, unless frozen
+            return f"{5 - worker['inflight_at_pause']} of 5 requests finished before the pause reached the worker"
+    race_attempts(attempt, daemon1)
 
 
 def test_pause_keep_freezes_and_resume_continues_without_loss(daemon1):
@@ -199,11 +206,13 @@ def stop_and_check(d: Daemon, drain_s: float, every_process: bool = False) -> No
                 # refused (ShuttingDown), as they should be. A fixed sleep was not enough: on CI the machine
                 # froze, and 5 of 6 arrived after the signal.
                 canary = await decoding(c, prompts(1, start=90)[0])
+                mark = d.log_mark()
                 with FreezeWatch() as fw:
                     for proc in procs if every_process else procs[:1]:
                         proc.send_signal(signal.SIGTERM)
                     short = await asyncio.wait_for(short, 60)
-                return short, await asyncio.wait_for(long, 60) + [await asyncio.wait_for(canary, 60)], fw.total_s
+                frozen_s = fw.total_s + sum(d.stalls(mark))  # this process's freezes, and the daemon's
+                return short, await asyncio.wait_for(long, 60) + [await asyncio.wait_for(canary, 60)], frozen_s
         short, long, frozen_s = asyncio.run(main())
         got = [(r.finish_reason, len(r.token_ids)) for r in short]
         # 200 tokens take well under the drain, unless the host froze this machine for most of it

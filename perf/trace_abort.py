@@ -46,14 +46,14 @@ def record(obj, name: str, what: str, note=None) -> None:
     setattr(obj, name, functools.wraps(f)(wrapped))
 
 
-def record_gc() -> None:
+def record_gc(who: str) -> None:
     started = [0.0]
 
     def cb(phase, info):
         if phase == "start":
             started[0] = time.perf_counter()
         else:
-            EVENTS.append((f"gc{info['generation']}", started[0], time.perf_counter(), None))
+            EVENTS.append((f"{who} gc{info['generation']}", started[0], time.perf_counter(), None))
     gc.callbacks.append(cb)
 
 
@@ -71,7 +71,7 @@ def serve(role: str, out: str, argv: list[str]) -> int:
         from rolloutd import broker as B
         record(B.Broker, "_on_client", "broker: client message")
         record(B.Broker, "_on_worker", "broker: worker message")
-    record_gc()
+    record_gc(role)
     atexit.register(lambda: json.dump(EVENTS, open(out, "w")))
     from rolloutd.cli import main
     return main(argv)
@@ -112,7 +112,7 @@ def row(t0: float, t_reply: float, t_end: float, procs: list) -> str:
     for what, _ in ROW:
         xs = merged.get(what)
         cells.append(f"{(max(e for _, e, _ in xs) - t0) * 1e3:11.2f}" if xs else "-".rjust(11))
-    gc_ms = sum(e - s for what, xs in merged.items() if what.startswith("gc") for s, e, _ in xs) * 1e3
+    gc_ms = sum(e - s for what, xs in merged.items() if " gc" in what for s, e, _ in xs) * 1e3
     return " ".join(cells) + f" {gc_ms:11.2f}"
 
 
@@ -144,7 +144,7 @@ def main() -> None:
     ]
     record(C.AsyncClient, "_on_readable", "client: read and split")
     record(C, "from_message", "client: Result built")
-    record_gc()
+    record_gc("client")
     from bench_abort import LONG as sampling, prompts as make_prompts  # the benchmark's workload
     prompts = make_prompts(a.inflight)
 

@@ -4,7 +4,6 @@ sleep/wake_up, collective_rpc and worker_extension_cls. Anything newer is gated 
 """
 from __future__ import annotations
 
-import array
 import asyncio
 import inspect
 import logging
@@ -154,7 +153,10 @@ def accumulate(states: dict[int, SampleState], out, want_logprobs: bool) -> list
         if st is None:
             st = states[comp.index] = SampleState()
         ids = list(comp.token_ids)
-        st.ids.extend(ids)
+        if st.ids:
+            st.ids.extend(ids)
+        else:
+            st.ids = ids  # a fresh list already: FINAL_ONLY's one output needs no second copy
         st.text += comp.text
         if want_logprobs:
             lps = sampled_logprobs(comp) or []
@@ -186,23 +188,21 @@ def result_message(rid: str, worker: str, version: int, states: dict[int, Sample
 
 def results_message(worker: str, version: int, finished: list[tuple]) -> p.Message:
     """One message for requests that finished together: finished[i] = (rid, states, n, prompt_tokens,
-    want_logprobs). Packs every sample's ids (and logprobs) straight into protocol.Results' frames, one
-    conversion for the batch instead of one per sample (512 aborted requests at once)."""
+    want_logprobs). Every sample's ids go into one frame (logprobs into another): two frames for the batch,
+    not two per sample (512 aborted requests at once)."""
     if len(finished) == 1:
         rid, *rest = finished[0]
         return result_message(rid, worker, version, *rest)
-    rids, items, ids, lps = [], [], array.array("i"), array.array("f")
-    any_lp = False
+    rids, items, ids, lps = [], [], [], []
     for rid, states, n, prompt_tokens, want_logprobs in finished:
         samples = []
         for i in range(n):
             st = states.get(i) or SampleState()
             samples.append(s := _sample_map(i, st, want_logprobs))
             s["tokens"] = len(st.ids)
-            ids.extend(st.ids)
+            ids.append(st.ids)
             if s["logprobs"]:
-                any_lp = True
-                lps.extend(st.lps)
+                lps.append(st.lps)
         rids.append(rid)
         items.append([samples, prompt_tokens])
-    return p.Results.pack(worker, version, rids, items, p.pack_ids(ids), p.pack_logprobs(lps) if any_lp else None)
+    return p.Results.pack(worker, version, rids, items, p.pack_many(ids), p.pack_many(lps, "f") if lps else None)

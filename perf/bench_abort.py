@@ -7,7 +7,8 @@ Each trial starts k long generations (ignore_eos), lets them run --after seconds
 waits for every one to come back. In-process: AsyncLLM.abort on all request ids, until every generate()
 stream has ended. Daemon: AsyncClient.abort_all(), until the generate() call has every result (their
 ids as numpy arrays over the received message); the time to then turn every result's ids into a Python
-list is reported beside it (daemon_then_token_lists_ms). BENCH_DAEMON_LOG=FILE keeps the daemon's log.
+list is reported beside it (daemon_then_token_lists_ms). Both sides freeze their start-up heap out of the
+garbage collector first, as the worker does (common.freeze_heap). BENCH_DAEMON_LOG=FILE keeps the daemon's log.
 Writes perf/results/abort.json and abort.png.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import sys
 import time
 
-from common import Daemon, maybe_plot, percentiles, save
+from common import Daemon, freeze_heap, maybe_plot, percentiles, save
 
 # Long enough that no request ends by itself before the abort, even the first ones of 512 on a CPU
 LONG = {"max_tokens": 30000, "ignore_eos": True, "temperature": 1.0}
@@ -52,6 +53,7 @@ def run_inprocess(model: str, sizes, repeat: int, after: float) -> dict:
 
     async def main():
         engine = eng.build_engine(eng.EngineOptions(model=model))
+        freeze_heap()  # as the worker does after building its engine
         try:
             res = {}
             for k in sizes:
@@ -88,6 +90,7 @@ def run_daemon(model: str, sizes, repeat: int, after: float) -> dict:
         return res
 
     with Daemon(model, workers=1, log_path=os.environ.get("BENCH_DAEMON_LOG")) as d:
+        freeze_heap()
         return asyncio.run(main(d.front))
 
 

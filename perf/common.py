@@ -20,6 +20,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def freeze_heap() -> None:
+    """Move every object alive now out of the garbage collector's reach. A full collection walks them all:
+    2-7 ms measured for a bare client process (27k objects, rolloutd + numpy + zmq), tens of ms with vLLM
+    loaded, at a random moment of a timed trial. vLLM's API server and the rolloutd worker do the same
+    after start-up; a trainer's process should too."""
+    import gc
+    gc.collect()
+    gc.freeze()
+
+
 def machine() -> dict:
     info = {"host": socket.gethostname(), "python": platform.python_version(), "cpus": os.cpu_count(),
             "platform": platform.platform()}

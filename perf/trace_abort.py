@@ -127,7 +127,7 @@ def main() -> None:
         sys.exit(serve(sys.argv[2], sys.argv[4], sys.argv[5:]))
     a = ap.parse_args()
 
-    from common import free_port
+    from common import free_port, freeze_heap
     from rolloutd import AsyncClient, Client
     from rolloutd import client as C
     from rolloutd.models import resolve
@@ -166,6 +166,7 @@ def main() -> None:
     try:
         with Client(front) as c:
             c.wait_for_workers(1, timeout=600)
+        freeze_heap()  # as bench_abort does
         runs = asyncio.run(trials())
     finally:
         for p in procs:

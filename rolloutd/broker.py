@@ -10,6 +10,7 @@ came: only the small msgpack header is read, for routing.
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import signal
 import time
@@ -124,6 +125,10 @@ class Broker:
 
     def run(self) -> None:
         log.info("broker: clients on %s, workers on %s", self.front_address, self.back_address)
+        # Out of the collector's reach, what start-up left (as the worker does): a full collection walking
+        # it would land amid forwarding a burst of results
+        gc.collect()
+        gc.freeze()
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)

@@ -5,8 +5,10 @@
 Starts a broker and one worker of its own, each with a few of its methods wrapped to record when they
 ran (time.perf_counter is CLOCK_MONOTONIC, so the three processes share a clock), plus every garbage
 collection. Each trial starts k long generations, aborts them all after --after s, and prints, in ms
-from the abort call: when the worker got the abort, how long vLLM's abort took, when the requests' tasks
-finished, when the batch left the worker, when the broker forwarded it, and when the client had it all:
+from the abort call: when the worker got the abort, when vLLM's abort had returned (the start of
+"aborted results sent": the worker then sends the results at once), when it had handled the abort, when the
+last result was queued and the last batch left the worker, when the broker forwarded it, and when the
+client had it all:
 one line per trial, then stage by stage for the slowest trials and the median one (where a tail comes from).
 A diagnostic, not a benchmark: the wrappers add a little to every step (bench_abort.py has the figures).
 """
@@ -67,8 +69,9 @@ def serve(role: str, out: str, argv: list[str]) -> int:
     if role == "worker":
         from rolloutd import worker as W
         record(W.Worker, "_on_message", "worker got a message", lambda self, frames: len(frames))
-        record(W.Worker, "_handle_control", "worker: vLLM abort")
-        record(W.Worker, "_queue_result", "worker: a request's task ended")
+        record(W.Worker, "_handle_control", "worker: abort handled")
+        record(W.Worker, "_send_aborted", "worker: aborted results sent")  # starts when vLLM's abort returned
+        record(W.Worker, "_queue_result", "worker: a result queued")
         record(W.Worker, "_flush_results", "worker: batch packed and sent")
     else:
         from rolloutd import broker as B
@@ -101,8 +104,8 @@ def _by_stage(events: list, t0: float, t1: float) -> dict:
 
 # One line per trial: when (ms after the abort call) each stage last ended, and the garbage collectors'
 # time in all three processes: a slow trial shows at a glance which stage it lost its time in.
-ROW = (("worker got a message", "abort in"), ("worker: vLLM abort", "vLLM done"),
-       ("worker: a request's task ended", "last task"), ("worker: batch packed and sent", "last batch"),
+ROW = (("worker got a message", "abort in"), ("worker: abort handled", "handled"),
+       ("worker: a result queued", "last queued"), ("worker: batch packed and sent", "last batch"),
        ("broker: worker message", "broker last"), ("client: read and split", "client last"))
 
 

@@ -121,6 +121,36 @@ def tokens_prompt(ids: list[int]):
     return TokensPrompt(prompt_token_ids=ids)
 
 
+async def generate(engine, prompt, params, request_id: str, on_collector):
+    """AsyncLLM.generate(), written out over add_request() (the same loop and clean-up as vLLM's own, 0.26 to
+    0.32), so that the caller holds the request's output collector: on_collector(collector) runs once vLLM
+    has the request. vLLM's abort() puts each aborted request's final output into its collector before it
+    returns; holding them, the worker sends all those results at once instead of waiting for one task
+    wake-up per request (see Worker._send_aborted)."""
+    q = await engine.add_request(request_id, prompt, params)
+    on_collector(q)
+    try:
+        finished = False
+        while not finished:
+            out = q.get_nowait() or await q.get()  # no task switch when an output is already there
+            finished = out.finished
+            yield out
+    except BaseException:
+        # cancelled, closed early or failed: vLLM must forget the request, as its generate() makes sure;
+        # not when the engine is dead (nothing to tell it)
+        if not getattr(engine, "errored", False):
+            await engine.abort(q.request_id, internal=True)
+        raise
+    finally:
+        q.close()
+
+
+def final_output(collector):
+    """The finished RequestOutput waiting in a collector (not taken: its reader still gets it), or None."""
+    out = getattr(collector, "output", None)
+    return out if getattr(out, "finished", False) and hasattr(out, "outputs") else None
+
+
 def is_client_error(e: BaseException) -> bool:
     """Whether vLLM refused the request itself (too long, greedy with n > 1, ...) rather than failed.
     vLLM 0.32 raises VLLMClientError subclasses, older releases ValueError; match by name so that both work."""

@@ -41,6 +41,7 @@ async def decoding(c, prompt, max_tokens=LONG, request_id=None) -> asyncio.Task:
 
 def test_abort_all_returns_every_long_generation_within_a_second_with_partial_output(daemon1):
     async def main():
+        mark = daemon1.log_mark()
         async with AsyncClient(daemon1.front, timeout=120) as c:
             task = asyncio.create_task(c.generate(prompts(8), max_tokens=LONG, ignore_eos=True))
             canary = await decoding(c, prompts(1, start=90)[0])
@@ -57,9 +58,27 @@ def test_abort_all_returns_every_long_generation_within_a_second_with_partial_ou
         assert reply["ok"] and reply[next(k for k in reply if k != "ok")]["aborted"] == 9, reply
         for r in results:
             assert r.finish_reason == "abort" and 0 < len(r.token_ids) < LONG
+        # the 8 batch results left straight from vLLM's abort, not each from its own task (Worker._send_aborted;
+        # the streamed canary's task sends its own): with a vLLM whose abort no longer leaves the final
+        # outputs behind, this path would be silently lost
+        assert "aborted 9 request(s); 8 result(s) sent at once" in daemon1.log_since(mark), daemon1.log_since(mark)[-2000:]
         return took
 
     timed_attempts(lambda: asyncio.run(main()), bound_s=1.0, daemon=daemon1)
+
+
+def test_abort_of_requests_with_two_samples_returns_both_partial_samples(daemon1):
+    async def main():
+        async with AsyncClient(daemon1.front, timeout=120) as c:
+            both = asyncio.create_task(c.generate(prompts(3, start=20), n=2, temperature=1.0, max_tokens=LONG,
+                                                  ignore_eos=True))
+            canary = await decoding(c, prompts(1, start=90)[0])
+            await c.abort_all(timeout=30)
+            return await asyncio.wait_for(both, 30), await asyncio.wait_for(canary, 30)
+    results, _ = asyncio.run(main())
+    for r in results:
+        got = [(s.index, s.finish_reason, 0 < len(s.token_ids) < LONG) for s in r.samples]
+        assert got == [(0, "abort", True), (1, "abort", True)], got
 
 
 def test_abort_one_of_eight_leaves_the_others_running(daemon1):

@@ -20,6 +20,6 @@ for b in ${GPU_BENCH-roundtrip abort}; do
     trace) python3 trace_abort.py --inflight 512 --repeat 30 --detail 3 ;;
     traceuv) python3 -c "import uvloop" && python3 trace_abort.py --inflight 512 --repeat 30 --detail 1 --uvloop ;;
   esac 2>&1 | grep -v "^(EngineCore\|^(Worker\|^INFO" | tail -120 | tee "$OUT/bench-$b.log"
+  cp results/*-h100*.json results/*-h100*.png "$OUT/" 2>/dev/null  # after each: a call cut short keeps what ran
 done
-cp results/*-h100*.json results/*-h100*.png "$OUT/" 2>/dev/null
 ls -la "$OUT"

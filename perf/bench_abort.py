@@ -113,6 +113,8 @@ def main() -> None:
         table[k] = {
             "inprocess_ms": {q: v * 1e3 for q, v in percentiles([t for t, _ in inproc[k]]).items() if q != "n"},
             "daemon_ms": {q: v * 1e3 for q, v in percentiles([t for t, *_ in daemon[k]]).items() if q != "n"},
+            "trials_inprocess_ms": [round(t * 1e3, 3) for t, _ in inproc[k]],  # in the order run
+            "trials_daemon_ms": [round(t * 1e3, 3) for t, *_ in daemon[k]],
             "with_tokens_inprocess": [n for _, n in inproc[k]],
             "with_tokens_daemon": [n for _, n, _ in daemon[k]],
             "daemon_then_token_lists_ms": {q: v * 1e3 for q, v in percentiles([l for _, _, l in daemon[k]]).items() if q != "n"},

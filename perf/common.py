@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import signal
@@ -78,8 +79,9 @@ class Daemon:
 
 
 def percentiles(xs: list[float]) -> dict:
+    """Nearest-rank percentiles (p99 of 100 trials is the 99th smallest; of 20, the largest)."""
     s = sorted(xs)
-    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]
+    pick = lambda q: s[max(0, math.ceil(q * len(s)) - 1)]
     return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "min": s[0], "max": s[-1], "n": len(s)}
 
 

@@ -18,7 +18,6 @@ for b in ${GPU_BENCH-roundtrip abort}; do
     abort512) BENCH_TAG=h100-512x100 python3 bench_abort.py --inflight 512 --repeat 100 ;;  # a p99 from 100 trials
     throughput) python3 bench_throughput.py --prompts 256 --n 4 --max-tokens 512 --repeat 3 ;;
     trace) python3 trace_abort.py --inflight 512 --repeat 30 --detail 3 ;;
-    traceuv) python3 -c "import uvloop" && python3 trace_abort.py --inflight 512 --repeat 30 --detail 1 --uvloop ;;
   esac 2>&1 | grep -v "^(EngineCore\|^(Worker\|^INFO" | tail -120 | tee "$OUT/bench-$b.log"
   cp results/*-h100*.json results/*-h100*.png "$OUT/" 2>/dev/null  # after each: a call cut short keeps what ran
 done

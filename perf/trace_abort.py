@@ -63,9 +63,6 @@ def serve(role: str, out: str, argv: list[str]) -> int:
     """Run `rolloutd broker|worker` with its hot path recorded; the timeline is written at exit."""
     import atexit
 
-    if os.environ.get("TRACE_UVLOOP"):  # --uvloop: an experiment, not what rolloutd runs
-        import uvloop
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if role == "worker":
         from rolloutd import worker as W
         record(W.Worker, "_on_message", "worker got a message", lambda self, frames: len(frames))
@@ -129,14 +126,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=6)
     ap.add_argument("--after", type=float, default=0.5)
     ap.add_argument("--detail", type=int, default=3, help="stage by stage: the slowest N trials, and the median one")
-    ap.add_argument("--uvloop", action="store_true", help="broker, worker and client on uvloop's event loop (an experiment)")
     if sys.argv[1:2] == ["--role"]:  # internal: --role broker|worker --out FILE <rolloutd arguments>
         sys.exit(serve(sys.argv[2], sys.argv[4], sys.argv[5:]))
     a = ap.parse_args()
-    if a.uvloop:
-        os.environ["TRACE_UVLOOP"] = "1"  # for the broker and worker started below
-        import uvloop
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
     from common import free_port, freeze_heap
     from rolloutd import AsyncClient, Client
@@ -186,7 +178,7 @@ def main() -> None:
             p.wait(120)
     worker = json.load(open(f"{tmp}/worker.json"))
     broker = json.load(open(f"{tmp}/broker.json"))
-    print(f"{a.inflight} in flight, {a.repeat} trials{' on uvloop' if a.uvloop else ''}; ms after the abort call (gc: all processes)")
+    print(f"{a.inflight} in flight, {a.repeat} trials; ms after the abort call (gc: all processes)")
     print(" ".join(f"{h:>11s}" for h in ["total", "reply", *(h for _, h in ROW), "gc"]))
     for t0, t_reply, t_end, client in runs:
         print(row(t0, t_reply, t_end, [worker, broker, client]))

@@ -425,25 +425,23 @@ class Worker:
         ~5). Their results leave now instead, in one go; each task then finds its job done and just ends.
         Streams are left to their tasks, whose last delta must go out as Tokens first."""
         sent = 0
-        # No garbage collection until they are out: the burst allocates enough to set off collections
-        # amid it, up to the oldest generation (on the H100 at 512: 1-3 ms in most trials, 7.7 ms in one of
-        # 30, where the whole abort took 21 ms). The collector runs after, off the results' path.
-        was_on = gc.isenabled()
-        gc.disable()
-        try:
-            for rid in rids:
-                job = self.jobs.get(rid)
-                if job is None or job.done or job.stream or job.collector is None:
-                    continue
-                out = eng.final_output(job.collector)
-                if out is not None:
-                    eng.accumulate(job.states, out, job.want_lp)
-                    self._finish(job)
-                    sent += 1
-            self._flush_results()  # not at the end of this loop turn: 512 task wake-ups are queued ahead of it
-        finally:
-            if was_on:
-                gc.enable()
+        # No garbage collection until they are out, and the abort's reply too: the burst allocates enough to
+        # set off collections amid it, up to the oldest generation (on the H100 at 512: 1-3 ms in most
+        # trials, 7.7 ms in one of 30, where the whole abort took 21 ms). The collector comes back on once
+        # the callbacks queued now have run; the reply leaves before (_control sends it as _abort returns).
+        if gc.isenabled():
+            gc.disable()
+            self._loop.call_soon(gc.enable)
+        for rid in rids:
+            job = self.jobs.get(rid)
+            if job is None or job.done or job.stream or job.collector is None:
+                continue
+            out = eng.final_output(job.collector)
+            if out is not None:
+                eng.accumulate(job.states, out, job.want_lp)
+                self._finish(job)
+                sent += 1
+        self._flush_results()  # not at the end of this loop turn: 512 task wake-ups are queued ahead of it
         log.info("aborted %d request(s); %d result(s) sent at once", len(rids), sent)
 
     def _queue_result(self, finished: tuple) -> None:

@@ -23,8 +23,8 @@ def free_port() -> int:
 
 def freeze_heap() -> None:
     """Move every object alive now out of the garbage collector's reach. A full collection walks them all:
-    2-7 ms measured for a bare client process (27k objects, rolloutd + numpy + zmq), tens of ms with vLLM
-    loaded, at a random moment of a timed trial. vLLM's API server and the rolloutd worker do the same
+    2-7 ms measured for a bare client process (27k objects, rolloutd + numpy + zmq), more with vLLM loaded,
+    at a random moment of a timed trial. vLLM's API server and the rolloutd worker do the same
     after start-up; a trainer's process should too."""
     import gc
     gc.collect()

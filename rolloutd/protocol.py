@@ -568,18 +568,22 @@ def _frame_len(frame, dtype: np.dtype, what: str) -> int:
 
 # ------------------------------------------------------------------------------------------ bulk helpers
 
+def _struct(values, code: str) -> bytes:
+    # struct converts a list of Python numbers fastest (measured for 64 x 500 token ids: struct 0.20 ms,
+    # array.fromlist 0.36, numpy 0.48, array.extend 0.76), and "<" fixes the wire's byte order and sizes
+    # whatever the machine's C types
+    return struct.pack(f"<{len(values)}{code}", *values)
+
+
 def _pack(values, code: str, dtype: np.dtype) -> bytes:
     if isinstance(values, (list, tuple)):
-        # struct converts a list of Python numbers fastest (measured for 64 x 500 token ids: struct 0.20 ms,
-        # array.fromlist 0.36, numpy 0.48, array.extend 0.76), and "<" fixes the wire's byte order and sizes
-        # whatever the machine's C types
-        return struct.pack(f"<{len(values)}{code}", *values)
+        return _struct(values, code)
     return np.asarray(values, dtype=dtype).tobytes()
 
 
 def pack_many(lists: list, code: str = "i") -> bytes:
     """Several lists of token ids ("i") or logprobs ("f") as one frame, in order."""
-    return b"".join([struct.pack(f"<{len(v)}{code}", *v) for v in lists])
+    return b"".join([_struct(v, code) for v in lists])
 
 
 def pack_ids(ids) -> bytes:

@@ -52,11 +52,13 @@ _MAX_BATCH_BYTES = p.MAX_FRAME_BYTES // 4
 
 
 class _Job:
-    """One request while its task runs: what its result is made of, and vLLM's collector of its outputs."""
-    __slots__ = ("rid", "n", "want_lp", "stream", "prompt_tokens", "states", "collector", "done")
+    """One request while it runs: its task, what its result is made of, and vLLM's collector of its outputs."""
+    __slots__ = ("rid", "n", "want_lp", "stream", "task", "prompt_tokens", "states", "collector", "done")
 
-    def __init__(self, rid: str, n: int, want_lp: bool, stream: bool):
-        self.rid, self.n, self.want_lp, self.stream = rid, n, want_lp, stream
+    def __init__(self, msg: p.Generate):
+        self.rid, self.n, self.stream = msg.rid, msg.n, msg.stream
+        self.want_lp = bool(msg.sampling.get("logprobs"))
+        self.task: asyncio.Task | None = None
         self.prompt_tokens = 0
         self.states: dict[int, eng.SampleState] = {}
         self.collector = None  # set once vLLM has the request
@@ -86,8 +88,7 @@ class Worker:
         # worker kept running (the host throttles one virtual CPU at a time; the guest cannot tell).
         self.patience_s = max(60.0, 2 * heartbeat_s * liveness)
         self.ctx = ctx or zmq.Context.instance()
-        self.tasks: dict[str, asyncio.Task] = {}  # rid -> the task serving it
-        self.jobs: dict[str, _Job] = {}  # rid -> what its result is made of, while its task runs
+        self.jobs: dict[str, _Job] = {}  # rid -> the request, while it runs
         self.devices: list[str] = ["cpu"]
         self.tokenizer = None
         self.sock: zmq.Socket | None = None
@@ -138,7 +139,7 @@ class Worker:
             await self._session()
             if self._stopping:
                 break
-            await self._abort(list(self.tasks))  # the broker forgot these requests: nobody waits for them
+            await self._abort(list(self.jobs))  # the broker forgot these requests: nobody waits for them
             backoff = self.heartbeat_s if self._heard else min(backoff * 2, 30.0)
             log.warning("broker at %s silent; reconnecting in %.1f s", self.broker, backoff)
             await asyncio.sleep(backoff)
@@ -204,20 +205,20 @@ class Worker:
         """Graceful stop, while the socket still serves (aborts and heartbeats flow): in-flight requests may
         finish until drain_s has passed, then the rest are aborted and their partial outputs go out as
         results. A second signal skips the wait."""
-        if self.tasks:
-            log.info("stopping: waiting up to %.0f s for %d request(s)", self.drain_s, len(self.tasks))
+        if self.jobs:
+            log.info("stopping: waiting up to %.0f s for %d request(s)", self.drain_s, len(self.jobs))
         deadline = time.monotonic() + self.drain_s
-        while self.tasks and self._stopping < 2 and time.monotonic() < deadline:
+        while self.jobs and self._stopping < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.tasks:
-            log.info("stopping: aborting %d request(s) still running", len(self.tasks))
-            await self._abort(list(self.tasks))
-            await asyncio.wait(list(self.tasks.values()), timeout=5.0)
-            if self.tasks:
-                log.warning("stopping: %d aborted request(s) not ended after 5 s", len(self.tasks))
+        if self.jobs:
+            log.info("stopping: aborting %d request(s) still running", len(self.jobs))
+            await self._abort(list(self.jobs))
+            await asyncio.wait([j.task for j in self.jobs.values()], timeout=5.0)
+            if self.jobs:
+                log.warning("stopping: %d aborted request(s) not ended after 5 s", len(self.jobs))
 
     def _heartbeat(self) -> p.Heartbeat:
-        return p.Heartbeat(inflight=len(self.tasks), stopping=bool(self._stopping))
+        return p.Heartbeat(inflight=len(self.jobs), stopping=bool(self._stopping))
 
     def _ready(self) -> p.Ready:
         return p.Ready(worker=self.id, model=self.model, devices=self.devices, capacity=self.capacity,
@@ -262,10 +263,11 @@ class Worker:
             refusal = self._refusal()
             if refusal is not None:
                 self._send(p.Error(code=refusal.code, rid=msg.rid, message=str(refusal)))
-            elif msg.rid in self.tasks:
+            elif msg.rid in self.jobs:
                 self._send(p.Error(code=BadRequest.code, rid=msg.rid, message="duplicate request id"))
             else:
-                self.tasks[msg.rid] = asyncio.create_task(self._generate(msg))
+                job = self.jobs[msg.rid] = _Job(msg)
+                job.task = asyncio.create_task(self._generate(job, msg))
         elif cmd is p.Cmd.PING:
             self._send(p.Reply(cid=msg.cid, data={"from": self.id}))
         elif cmd is p.Cmd.HEARTBEAT:
@@ -306,12 +308,12 @@ class Worker:
     async def _handle_control(self, msg) -> dict:
         cmd = msg.CMD
         if cmd is p.Cmd.ABORT:
-            known = [r for r in msg.rids if r in self.tasks]
-            unknown = [r for r in msg.rids if r not in self.tasks]  # finished meanwhile
+            known = [r for r in msg.rids if r in self.jobs]
+            unknown = [r for r in msg.rids if r not in self.jobs]  # finished meanwhile
             await self._abort(known)
             return {"aborted": len(known), "unknown": unknown}
         if cmd is p.Cmd.ABORT_ALL:
-            rids = list(self.tasks)
+            rids = list(self.jobs)
             await self._abort(rids)
             return {"aborted": len(rids)}
         if cmd is p.Cmd.PAUSE:
@@ -335,12 +337,12 @@ class Worker:
     async def _pause(self, mode: str, refuse: bool) -> dict:
         if mode not in PAUSE_MODES:
             raise BadRequest(f"pause mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
-        inflight = len(self.tasks)
+        inflight = len(self.jobs)
         if hasattr(self.engine, "pause_generation"):
             # vLLM does the mode's work in its scheduler: abort, drain, or freeze what it holds; requests
             # that arrive while paused wait in it until resume.
             self.paused, self.refuse_while_paused = mode, refuse
-            before = list(self.tasks.values())
+            before = [j.task for j in self.jobs.values()]
             await self.engine.pause_generation(mode=mode, clear_cache=mode != "keep")
             if mode != "keep" and before:
                 # vLLM is done with them; their tasks end in a moment. Waiting for that puts every result
@@ -352,10 +354,10 @@ class Worker:
             # Older vLLM: do abort / wait ourselves; new requests are refused while paused.
             self.paused, self.refuse_while_paused = "-", True
             if mode == "abort":
-                await self._abort(list(self.tasks))
-            while self.tasks:
+                await self._abort(list(self.jobs))
+            while self.jobs:
                 await asyncio.sleep(0.01)
-        return {"paused": True, "mode": mode, "inflight_at_pause": inflight, "inflight": len(self.tasks)}
+        return {"paused": True, "mode": mode, "inflight_at_pause": inflight, "inflight": len(self.jobs)}
 
     async def _sleep(self, level: int) -> dict:
         if level not in (1, 2):
@@ -365,17 +367,16 @@ class Worker:
             raise Unsupported("sleep mode is off: start the worker with --enable-sleep-mode (GPU only)")
         if eng.on_cpu():
             raise Unsupported("vLLM cannot sleep on CPU")
-        aborted = len(self.tasks)
-        await self._abort(list(self.tasks))
+        aborted = len(self.jobs)
+        await self._abort(list(self.jobs))
         await self.engine.sleep(level)
         self.sleeping = level
         return {"sleeping": level, "aborted": aborted}
 
     # ------------------------------------------------------------------------------------------ requests
 
-    async def _generate(self, msg: p.Generate) -> None:
+    async def _generate(self, job: _Job, msg: p.Generate) -> None:
         rid = msg.rid
-        job = self.jobs[rid] = _Job(rid, msg.n, bool(msg.sampling.get("logprobs")), msg.stream)
         try:
             ids = self._prompt_ids(msg)
             job.prompt_tokens = len(ids)
@@ -411,7 +412,6 @@ class Worker:
                 if self._session_over is not None:
                     self._session_over.set()
         finally:
-            self.tasks.pop(rid, None)
             self.jobs.pop(rid, None)
             self._aborting.discard(rid)
 

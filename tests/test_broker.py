@@ -19,7 +19,9 @@ HB = 0.1
 LIVENESS = 10
 
 
-def start_broker(**kw) -> tuple[Broker, threading.Thread]:
+@contextlib.contextmanager
+def running_broker(**kw):
+    """A broker serving in a thread of this process: yields it and the thread, stops it after."""
     box, ready = {}, threading.Event()
 
     def run():
@@ -32,16 +34,10 @@ def start_broker(**kw) -> tuple[Broker, threading.Thread]:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     assert ready.wait(5)
-    return box["b"], t
-
-
-@contextlib.contextmanager
-def running_broker(**kw):
-    b, t = start_broker(**kw)
     try:
-        yield b, t
+        yield box["b"], t
     finally:
-        b.stop()
+        box["b"].stop()
         t.join(5)
 
 

@@ -1,27 +1,38 @@
 """The broker: one poll loop between trainers (front ROUTER) and vLLM workers (back ROUTER). No engine work.
 
 It keeps a registry of workers (READY handshake, heartbeats both ways, expiry after LIVENESS silent
-intervals), a request table (request id -> client, worker) so that an abort reaches only the owner and a
-lost worker's requests end at their clients with WorkerLost, least-loaded placement (a prompt's n samples
-stay on one worker, sharing its prefix cache), a bounded pending queue when every worker is full, and
-fan-out of broadcast commands with one aggregated reply. Token and result frames are forwarded as they
-came: only the small msgpack header is read, for routing.
+intervals, and at once when a worker's connection drops), a request table (request id -> client, worker)
+so that an abort reaches only the owner and a lost worker's requests end at their clients with WorkerLost,
+least-loaded placement (a prompt's n samples stay on one worker, sharing its prefix cache), a pending
+queue bounded in count and bytes when every worker is full, deadlines that end what nobody waits for any
+more, and fan-out of broadcast commands with one aggregated reply. Token and result frames are forwarded
+as they came: only the small msgpack header is read, for routing.
+
+Nothing a peer sends ends the loop: every message is handled under one guard. A malformed message is
+answered with a typed error where there is a sender to answer, counted in status()["faults"] and logged
+(rate-limited); a failure of the broker's own code is counted and logged with its traceback, and the
+loop goes on.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
+import heapq
+import itertools
 import logging
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
 
-import msgpack
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from . import config
+from . import auth, config, sockets
 from . import protocol as p
-from .errors import Busy, InternalError, ProtocolError, RolloutdError, ShuttingDown, WorkerLost
+from .errors import (Busy, InternalError, RequestTimeout, RolloutdError, ShuttingDown,
+                     WorkerLost)
 from .stopping import StopRequests
 
 log = logging.getLogger("rolloutd.broker")
@@ -30,13 +41,20 @@ log = logging.getLogger("rolloutd.broker")
 _STOP_POLL_S = 0.05
 # After aborting what was left at a stop, how long partial outputs are waited for before the rest fail.
 _ABORT_GRACE_S = 5.0
-# After a stop has ended the work, how long the broker goes on serving before it closes. Closing right
-# after a burst of forwarded messages (a stalled broker catching up) lost the last ones to a client in
-# about half of the stops on a 2-core VM, though the sockets reported them sent; with this pause, none in
-# 5. The cause (the connection reset at close?) is not pinned down.
+# After a stop has ended the work, how long the broker goes on serving before it closes: messages just
+# sent to clients still leave (closing at once lost some; see perf/results/README.md).
 _SETTLE_S = 1.0
 # At exit, how long messages still queued may take to leave (a gone peer cannot hold the exit longer).
 _FLUSH_MS = 10_000
+# Messages taken from one socket per poll, so that one busy side cannot starve the other.
+_BURST = 256
+# Held per request besides its frames (table entries, ids): what the byte budget charges for it.
+_REQUEST_OVERHEAD = 256
+# Registered workers at most: every one is a row in every fan-out and placement.
+_MAX_WORKERS = 1024
+# Fault log lines per kind in one window; the rest are counted and summed up when the window ends.
+_LOG_WINDOW_S = 10.0
+_LOG_PER_WINDOW = 5
 
 # Commands the broker sends to every worker and answers with one aggregated reply.
 _FANOUT = (p.Cmd.ABORT_ALL, p.Cmd.PAUSE, p.Cmd.RESUME, p.Cmd.SLEEP, p.Cmd.WAKE, p.Cmd.LOAD_WEIGHTS)
@@ -47,6 +65,8 @@ class WorkerEntry:
     ident: bytes
     ready: p.Ready
     expiry: float
+    fd: int | None = None  # its connection's socket, to drop it the moment that connection drops
+    key: str | None = None  # its CURVE public key (None without keys): the name stays bound to it
     load: int = 0  # sequences (prompt x n) in flight here
     stopping: bool = False  # draining: gets nothing new, and says goodbye when done
     rids: set = field(default_factory=set)
@@ -60,56 +80,101 @@ class WorkerEntry:
 class Request:
     client: bytes
     n: int
+    expires: float  # its caller's deadline (monotonic): past it, the broker ends the request
     frames: list | None  # kept only while pending, to be sent once a worker frees up
+    nbytes: int = 0  # what the pending request holds here, counted against the byte budgets
     worker: bytes | None = None
 
 
 @dataclass
 class Control:
-    """A command waiting on worker replies (one for ping, every worker for broadcasts)."""
+    """A command waiting on worker replies (one for ping, every worker for broadcasts). Workers see the
+    broker's own id for it, so that calls of two clients with the same cid cannot answer each other."""
     client: bytes
-    cid: str
+    cid: str  # the client's
     waiting: set  # worker idents that still owe a reply
     deadline: float
     data: dict = field(default_factory=dict)  # worker name -> its reply data
     ok: bool = True
-    passthrough: bool = False  # forward the single worker's reply frames unchanged (ping)
+    passthrough: bool = False  # forward the single worker's reply as it is (ping)
+    bcid: str = ""  # the broker's id for it, which the workers see
+
+
+class Faults:
+    """Counts what peers got wrong and what failed here, and logs it without letting a flood fill the log:
+    at most _LOG_PER_WINDOW lines per kind every _LOG_WINDOW_S, texts cut short."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self._window = collections.Counter()
+        self._window_end = 0.0
+
+    def add(self, kind: str, text: str, *, exc_info: bool = False) -> None:
+        self.counts[kind] += 1
+        now = time.monotonic()
+        if now >= self._window_end:
+            for k, n in self._window.items():
+                if n > _LOG_PER_WINDOW:
+                    log.warning("%d more %s fault(s) in the last %.0f s not logged", n - _LOG_PER_WINDOW, k,
+                                _LOG_WINDOW_S)
+            self._window.clear()
+            self._window_end = now + _LOG_WINDOW_S
+        self._window[kind] += 1
+        if self._window[kind] <= _LOG_PER_WINDOW:
+            log.warning("%s: %s", kind, text[:300], exc_info=exc_info)
 
 
 class Broker:
     def __init__(self, front: str = config.FRONT, back: str = config.BACK, *,
                  heartbeat_s: float = config.HEARTBEAT_S, liveness: int = config.LIVENESS,
-                 max_pending: int = config.MAX_PENDING, control_timeout_s: float = config.CONTROL_TIMEOUT_S,
-                 drain_s: float = 30.0, ctx: zmq.Context | None = None):
+                 max_pending: int = config.MAX_PENDING, max_pending_bytes: int = config.MAX_PENDING_BYTES,
+                 max_client_bytes: int = config.MAX_CLIENT_BYTES, control_timeout_s: float = config.CONTROL_TIMEOUT_S,
+                 drain_s: float = config.DRAIN_S, keys: str | None = None, insecure: bool = False,
+                 ctx: zmq.Context | None = None):
         self.ctx = ctx or zmq.Context.instance()
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self.max_client_bytes = max_client_bytes
         self.control_timeout_s = control_timeout_s
         self.drain_s = drain_s
-        self.front = self._bind(front)
-        self.back = self._bind(back)
-        # A restarted worker reconnects under the same identity; let the new connection take it over.
-        self.back.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        for address in (front, back):
+            auth.check_bind(address, keys, insecure)
+        _raise_fd_limit()
+        self.authenticator = auth.start_authenticator(self.ctx, keys) if keys else None
+        self.front = self._bind(front, keys, auth.FRONT_DOMAIN, p.MAX_CLIENT_FRAME_BYTES)
+        self.back = self._bind(back, keys, auth.BACK_DOMAIN, p.MAX_FRAME_BYTES)
+        # A dropped worker connection shows here at once (a killed process, a closed socket); its requests
+        # then fail without waiting out the heartbeat liveness, which is left for networks that go silent.
+        self.back_events = sockets.monitor(self.back)
         self.front_address = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.back_address = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[bytes, WorkerEntry] = {}
         self.requests: dict[str, Request] = {}
-        self.pending: collections.deque[str] = collections.deque()
-        self.controls: dict[str, Control] = {}
+        self.pending: dict[str, Request] = {}  # in arrival order: placed first come, first served
+        self.held_bytes = 0  # bytes of pending requests
+        self.client_bytes: collections.Counter = collections.Counter()  # the same, per client
+        self.deadlines: list[tuple[float, str]] = []  # heap of (expires, rid); entries of ended requests linger
+        self.controls: dict[str, Control] = {}  # by the broker's own cid
+        self._cids = itertools.count()
+        self.faults = Faults()
         self.stops = StopRequests()
         self._drain_until: float | None = None  # set when a stop begins
         self._aborted_at: float | None = None  # when what was left got its abort
         self._next_beat = 0.0
 
-    def _bind(self, address: str) -> zmq.Socket:
-        s = self.ctx.socket(zmq.ROUTER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, config.HWM)
-        s.setsockopt(zmq.RCVHWM, config.HWM)
-        # A hard stop for frames nobody should send; the protocol's own limits answer with an error first.
-        s.setsockopt(zmq.MAXMSGSIZE, 2 * p.MAX_FRAME_BYTES)
-        s.bind(address)
+    def _bind(self, address: str, keys: str | None, domain: str, max_frame: int) -> zmq.Socket:
+        s = sockets.new(self.ctx, zmq.ROUTER)
+        # libzmq drops a connection that sends a bigger frame before any of it reaches this loop
+        s.setsockopt(zmq.MAXMSGSIZE, max_frame + 1024)
+        if keys:
+            auth.make_server(s, keys, domain)
+        try:
+            s.bind(address)
+        except zmq.ZMQError as e:
+            s.close(0)
+            raise OSError(f"cannot bind {address}: {e}") from None
         return s
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -132,14 +197,15 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
+        poller.register(self.back_events, zmq.POLLIN)
         try:
-            while not (self.stops.level and self._stopped()):
+            while not (self.stops.level and self._guarded(self._stopped)):
                 timeout_ms = max(0.0, self._next_beat - time.monotonic()) * 1000
                 if self.stops.level:
                     timeout_ms = min(timeout_ms, _STOP_POLL_S * 1000)
                 self._serve(poller, timeout_ms)
                 if time.monotonic() >= self._next_beat:
-                    self._tick()
+                    self._guarded(self._tick)
             if self.stops.level < 3:
                 self._settle(poller)
         finally:
@@ -147,17 +213,38 @@ class Broker:
 
     def _serve(self, poller: zmq.Poller, timeout_ms: float) -> None:
         for sock, _ in poller.poll(timeout_ms):
-            # Take what is queued, bounded so one busy side cannot starve the other; what is left makes the
-            # next poll return at once.
-            for _ in range(256):
+            if sock is self.back_events:
+                self._guarded(self._on_connection_events)
+                continue
+            for _ in range(_BURST):
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    # The back socket's frames stay zmq frames: they carry the connection (for its drop) and
+                    # its key, and results are forwarded without a copy.
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=sock is self.front)
                 except zmq.Again:
                     break
                 if sock is self.front:
-                    self._on_client(frames[0], frames[1:])
+                    self._guarded(self._on_client, frames[0], frames[1:])
                 else:
-                    self._on_worker(frames[0], frames[1:])
+                    self._guarded(self._on_worker, frames[0].bytes, frames[1:])
+
+    def _guarded(self, handler, *args):
+        """Run a handler; a failure of this broker's own code is counted, logged with its traceback, and
+        answered where a client waits for it. The loop goes on either way."""
+        try:
+            return handler(*args)
+        except Exception as e:  # noqa: BLE001 - nothing may end the loop
+            self.faults.add("internal", f"{getattr(handler, '__name__', handler)} failed: {type(e).__name__}: {e}",
+                            exc_info=True)
+            if handler == self._on_client and args:
+                client, frames = args
+                rids, cid = p.ids_of(frames)
+                for rid in rids:
+                    self._fail(rid, InternalError(f"broker error: {type(e).__name__}"), client=client)
+                if cid:
+                    self._to_client(client, p.Error(code=InternalError.code, cid=cid,
+                                                    message=f"broker error: {type(e).__name__}"))
+            return None
 
     def _settle(self, poller: zmq.Poller) -> None:
         """Before closing: go on serving (answers only: nothing is in flight) for _SETTLE_S."""
@@ -185,15 +272,14 @@ class Broker:
             log.info("stopping: aborting %d request(s) still in flight", len(self.requests))
             for w in self.workers.values():  # their replies match no open control: dropped
                 if w.rids:
-                    self.back.send_multipart([w.ident, *p.encode(p.Abort(cid="broker-stopping", rids=list(w.rids)))])
+                    self._to_worker(w.ident, p.Abort(cid="broker-stopping", rids=list(w.rids)))
         return now - (self._aborted_at or self._drain_until) > _ABORT_GRACE_S
 
     def _tick(self) -> None:
         now = time.monotonic()
         late = now - self._next_beat
         if self._next_beat and late > self.heartbeat_s / 2:
-            # This process was not running (on the 2-core CI VMs the host takes a virtual CPU away for
-            # seconds under vLLM load): nobody could be heard meanwhile, so the stall does not count
+            # This process was not running: nobody could be heard meanwhile, so the stall does not count
             # against the workers' liveness.
             log.warning("broker loop stalled %.2f s; extending worker liveness by as much", late)
             for w in self.workers.values():
@@ -207,30 +293,35 @@ class Broker:
                 self.back.send_multipart([w.ident, *beat])
         for c in [c for c in self.controls.values() if now > c.deadline]:
             for ident in c.waiting:
-                c.data[self._worker_name(ident)] = {"ok": False, "error": "timeout"}
+                c.data[self._worker_name(ident)] = {"ok": False, "error": RequestTimeout.code}
             c.ok, c.waiting = False, set()
             self._finish_control(c)
+        self._expire_requests(now)
 
     def _shutdown(self) -> None:
         for rid in list(self.requests):
             self._fail(rid, ShuttingDown("the broker is stopping"))
         for w in self.workers.values():
-            self.back.send_multipart([w.ident, *p.encode(p.Disconnect(reason="broker stopping"))])
+            self._to_worker(w.ident, p.Disconnect(reason="broker stopping"))
         # What was just sent (the last results, these errors) may still sit in the sockets' queues: closing
         # with no linger would drop it, and a client would wait for results that were already here.
+        self.back.disable_monitor()
+        self.back_events.close(0)
         self.front.close(linger=_FLUSH_MS)
         self.back.close(linger=_FLUSH_MS)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         log.info("broker stopped")
 
     # ------------------------------------------------------------------------------------------ clients
 
     def _on_client(self, client: bytes, frames: list) -> None:
         try:
-            msg = p.decode(frames)
+            msg = p.decode(frames, p.CLIENT_TO_BROKER)
         except RolloutdError as e:
-            log.warning("bad message from client %s: %s", client.hex(), e)
-            rid, cid = _ids_of(frames)
-            self._to_client(client, p.Error(code=e.code, message=str(e), rid=rid, cid=cid))
+            self.faults.add("bad_message", f"from client {client.hex()}: {e}")
+            rids, cid = p.ids_of(frames)
+            self._to_client(client, p.Error(code=e.code, message=str(e), rid=rids[0] if rids else None, cid=cid))
             return
         cmd = msg.CMD
         if cmd is p.Cmd.GENERATE:
@@ -240,14 +331,11 @@ class Broker:
         elif cmd in _FANOUT:
             if cmd is p.Cmd.ABORT_ALL:
                 self._abort_pending(list(self.pending))
-            self._fan_out(client, msg.cid, frames, list(self.workers))
+            self._fan_out(client, msg, list(self.workers))
         elif cmd is p.Cmd.STATUS:
             self._to_client(client, p.Reply(cid=msg.cid, data=self.status()))
         elif cmd is p.Cmd.PING:
-            self._on_ping(client, msg, frames)
-        else:
-            self._to_client(client, p.Error(code=ProtocolError.code, cid=getattr(msg, "cid", None),
-                                            message=f"{type(msg).__name__} is not a client command"))
+            self._on_ping(client, msg)
 
     def _on_generate(self, client: bytes, msg: p.Generate, frames: list) -> None:
         if self.stops.level:
@@ -257,18 +345,34 @@ class Broker:
             self._to_client(client, p.Error(code="bad_request", rid=msg.rid,
                                             message=f"request id {msg.rid!r} is already in flight"))
             return
+        req = Request(client, msg.n, time.monotonic() + msg.timeout_s, None)
         w = self._place(msg.n)
         if w is None:
-            if len(self.pending) >= self.max_pending:
-                self._to_client(client, p.Error(code=Busy.code, rid=msg.rid, message=(
-                    f"{len(self.pending)} requests already wait for a free worker "
-                    f"({len(self.workers)} registered); retry later")))
+            req.frames = frames
+            req.nbytes = _REQUEST_OVERHEAD + sum(len(f) for f in frames)
+            refusal = self._over_budget(client, req.nbytes)
+            if refusal:
+                self._to_client(client, p.Error(code=Busy.code, rid=msg.rid, message=f"{refusal}; retry later"))
                 return
-            self.requests[msg.rid] = Request(client, msg.n, frames)
-            self.pending.append(msg.rid)
-            return
-        self.requests[msg.rid] = Request(client, msg.n, None)
-        self._assign(msg.rid, w, frames)
+            self.pending[msg.rid] = req
+            self.held_bytes += req.nbytes
+            self.client_bytes[client] += req.nbytes
+        self.requests[msg.rid] = req
+        heapq.heappush(self.deadlines, (req.expires, msg.rid))
+        if w is not None:
+            self._assign(msg.rid, w, frames)
+
+    def _over_budget(self, client: bytes, nbytes: int) -> str | None:
+        """Why a request that must wait for a worker cannot be held, or None if it can."""
+        if len(self.pending) >= self.max_pending:
+            return f"{len(self.pending)} requests already wait for a free worker ({len(self.workers)} registered)"
+        if self.held_bytes + nbytes > self.max_pending_bytes:
+            return (f"waiting requests hold {self.held_bytes} bytes; this one ({nbytes}) would pass the broker's "
+                    f"budget of {self.max_pending_bytes}")
+        if self.client_bytes[client] + nbytes > self.max_client_bytes:
+            return (f"this client's waiting requests hold {self.client_bytes[client]} bytes; this one ({nbytes}) "
+                    f"would pass the per-client budget of {self.max_client_bytes}")
+        return None
 
     def _on_abort(self, client: bytes, msg: p.Abort) -> None:
         by_worker: dict[bytes, list[str]] = {}
@@ -285,32 +389,33 @@ class Broker:
         c = self._open_control(client, msg.cid, set(by_worker))
         c.data["broker"] = {"unknown": unknown, "aborted_pending": len(pending)}
         for ident, rids in by_worker.items():
-            self.back.send_multipart([ident, *p.encode(p.Abort(cid=msg.cid, rids=rids))])
+            self._to_worker(ident, p.Abort(cid=c.bcid, rids=rids))
         self._maybe_finish(c)
 
-    def _on_ping(self, client: bytes, msg: p.Ping, frames: list) -> None:
+    def _on_ping(self, client: bytes, msg: p.Ping) -> None:
         if msg.target == "broker":
             self._to_client(client, p.Reply(cid=msg.cid, data={"from": "broker"}))
             return
         targets = [w for w in self.workers.values() if msg.target in ("worker", w.name)]
         if not targets:
             self._to_client(client, p.Error(code=Busy.code, cid=msg.cid,
-                                             message=f"no registered worker matches {msg.target!r}"))
+                                            message=f"no registered worker matches {msg.target!r}"))
             return
         w = min(targets, key=lambda w: w.load)
         c = self._open_control(client, msg.cid, {w.ident})
         c.passthrough = True
-        self.back.send_multipart([w.ident, *frames])
+        self._to_worker(w.ident, dataclasses.replace(msg, cid=c.bcid))
 
-    def _fan_out(self, client: bytes, cid: str, frames: list, idents: list[bytes]) -> None:
-        c = self._open_control(client, cid, set(idents))
+    def _fan_out(self, client: bytes, msg: p.Message, idents: list[bytes]) -> None:
+        c = self._open_control(client, msg.cid, set(idents))
+        frames = p.encode(dataclasses.replace(msg, cid=c.bcid))
         for ident in idents:
             self.back.send_multipart([ident, *frames])
         self._maybe_finish(c)
 
     def _open_control(self, client: bytes, cid: str, idents: set) -> Control:
-        c = Control(client, cid, idents, time.monotonic() + self.control_timeout_s)
-        self.controls[cid] = c
+        c = Control(client, cid, idents, time.monotonic() + self.control_timeout_s, bcid=f"b{next(self._cids)}")
+        self.controls[c.bcid] = c
         return c
 
     def status(self) -> dict:
@@ -322,43 +427,54 @@ class Broker:
             } for w in self.workers.values()],
             "pending": len(self.pending),
             "requests": len(self.requests),
+            "held_bytes": self.held_bytes,
+            "faults": dict(self.faults.counts),
         }
 
     # ------------------------------------------------------------------------------------------ workers
 
     def _on_worker(self, ident: bytes, frames: list) -> None:
         try:
-            msg = p.decode(frames, check_frames=False)
+            msg = p.decode(frames, p.WORKER_TO_BROKER, check_frames=False)
+            if msg.CMD is p.Cmd.RESULT:
+                msg.check_frames()  # cheap, and a result missing frames must not close its request here
         except RolloutdError as e:
-            log.warning("bad message from worker %r: %s", ident, e)
-            rid, cid = _ids_of(frames)
-            self.back.send_multipart([ident, *p.encode(p.Error(code=e.code, message=str(e), rid=rid, cid=cid))])
+            self.faults.add("bad_message", f"from worker {self._worker_name(ident)}: {e}")
+            w = self.workers.get(ident)
+            rids, cid = p.ids_of(frames)
+            if w is not None:  # what it meant to deliver will not come: its clients hear so now
+                for rid in rids:
+                    req = self.requests.get(rid)
+                    if req is not None and req.worker == ident:
+                        self._fail(rid, InternalError(f"worker {w.name} sent a bad message: {e}"))
+            self._to_worker(ident, p.Error(code=e.code, message=str(e)[:1000], rid=rids[0] if rids else None, cid=cid))
             return
-        w = self.workers.get(ident)
         cmd = msg.CMD
         if cmd is p.Cmd.READY:
-            self._on_ready(ident, msg)
+            self._on_ready(ident, msg, frames[0])
             return
+        w = self.workers.get(ident)
         if w is None:
-            # A worker from before a broker restart, or one we expired: make it start over with READY.
-            # One that is leaving gets its goodbye all the same (see below).
+            # A worker from before a broker restart, one we expired, or a peer that never registered: make it
+            # start over with READY. One that is leaving gets its goodbye all the same (see below).
+            if cmd is not p.Cmd.DISCONNECT:
+                self.faults.add("unregistered", f"{type(msg).__name__} from an unregistered peer {ident.hex()}")
             reason = p.BYE if cmd is p.Cmd.DISCONNECT else "unknown worker; send READY"
-            self.back.send_multipart([ident, *p.encode(p.Disconnect(reason=reason))])
+            self._to_worker(ident, p.Disconnect(reason=reason))
             return
         w.expiry = time.monotonic() + self.heartbeat_s * self.liveness
         if cmd is p.Cmd.RESULT or (cmd is p.Cmd.ERROR and msg.rid):
-            req = self._close(msg.rid)
-            if req is not None:
-                self.front.send_multipart([req.client, *frames])
+            if self._owned(w, msg.rid, type(msg).__name__):
+                req = self._close(msg.rid)
+                self.front.send_multipart([req.client, *frames], copy=False)
                 self._drain_pending()
         elif cmd is p.Cmd.RESULTS:
             self._on_results(w, msg, frames)
         elif cmd is p.Cmd.TOKENS:
-            req = self.requests.get(msg.rid)
-            if req is not None:
-                self.front.send_multipart([req.client, *frames])
+            if self._owned(w, msg.rid, "Tokens"):
+                self.front.send_multipart([self.requests[msg.rid].client, *frames], copy=False)
         elif cmd is p.Cmd.REPLY or cmd is p.Cmd.ERROR:
-            self._on_control_reply(w, msg, frames)
+            self._on_control_reply(w, msg)
         elif cmd is p.Cmd.HEARTBEAT:
             if msg.stopping and not w.stopping:
                 log.info("worker %s is stopping: nothing new goes there", w.name)
@@ -366,69 +482,116 @@ class Broker:
         elif cmd is p.Cmd.DISCONNECT:
             self._drop_worker(w, f"worker {w.name} disconnected: {msg.reason}")
             # The goodbye back tells a stopping worker that all it sent before has been read here: only then
-            # may it close. Closing earlier lost its last results (see Worker._session).
-            self.back.send_multipart([ident, *p.encode(p.Disconnect(reason=p.BYE))])
-        else:
-            log.warning("worker %s sent %s, which workers do not send", w.name, type(msg).__name__)
+            # may it close. Closing earlier lost its last results (see Worker._goodbye).
+            self._to_worker(ident, p.Disconnect(reason=p.BYE))
+
+    def _owned(self, w: WorkerEntry, rid: str, what: str) -> bool:
+        """Whether rid is in flight on w. Anything else is dropped: a late answer for a request that ended
+        (aborted, timed out: normal), or an answer for another worker's request (a fault, counted)."""
+        req = self.requests.get(rid)
+        if req is None:
+            return False
+        if req.worker != w.ident:
+            self.faults.add("not_owner", f"worker {w.name} sent {what} for {rid!r}, which is not on it")
+            return False
+        return True
 
     def _close(self, rid: str) -> Request | None:
-        """Take a request out of the table and off its worker's load; None if it is gone already."""
+        """Take a request out of the table, off its worker's load or the pending queue; None if it is gone."""
         req = self.requests.pop(rid, None)
-        if req is not None and req.worker is not None:
+        if req is None:
+            return None
+        if req.worker is not None:
             w = self.workers.get(req.worker)
             if w is not None:
                 w.load -= req.n
                 w.rids.discard(rid)
+        elif self.pending.pop(rid, None) is not None:
+            self._release(req)
         return req
+
+    def _release(self, req: Request) -> None:
+        """A pending request's bytes no longer count against the budgets."""
+        self.held_bytes -= req.nbytes
+        self.client_bytes[req.client] -= req.nbytes
+        if self.client_bytes[req.client] <= 0:
+            del self.client_bytes[req.client]
+        req.frames, req.nbytes = None, 0
 
     def _on_results(self, w: WorkerEntry, msg: p.Results, frames: list) -> None:
         """A worker's batch of results: to each client its own, still as one message per client. The
-        common case (all for one client) is forwarded as it came: the samples frame is not even unpacked."""
-        rids = msg.rids  # decode checked it is a list of strings
-        reqs = [self.requests.get(rid) for rid in rids]
-        client = reqs[0].client if reqs and reqs[0] is not None else None
-        if client is not None and all(r is not None and r.client == client for r in reqs):
-            for rid in rids:
+        common case (all for one client, all on this worker) is forwarded as it came: the samples frame is
+        not even unpacked (the client checks it)."""
+        reqs = [self.requests.get(rid) for rid in msg.rids]
+        client = reqs[0].client if reqs[0] is not None else None
+        if client is not None and all(r is not None and r.client == client and r.worker == w.ident for r in reqs):
+            for rid in msg.rids:
                 self._close(rid)
-            # zero-copy: a batch of an abort of 512 carries about 1 MB of ids and text (pyzmq still copies
-            # frames under its 64 KB threshold, where that is cheaper)
             self.front.send_multipart([client, *frames], copy=False)
         else:
             try:
                 msg.check_frames()
                 results = msg.split()
             except RolloutdError as e:
-                log.warning("bad results batch from worker %s: %s", w.name, e)
-                for rid in rids:
-                    self._fail(rid, InternalError(f"worker {w.name} sent a bad result: {e}"))
+                self.faults.add("bad_message", f"results batch from worker {w.name}: {e}")
+                for rid, req in zip(msg.rids, reqs):
+                    if req is not None and req.worker == w.ident:
+                        self._fail(rid, InternalError(f"worker {w.name} sent a bad result: {e}"))
                 return
             by_client: dict[bytes, list[p.Result]] = {}
             for r in results:
-                req = self._close(r.rid)
-                if req is not None:
-                    by_client.setdefault(req.client, []).append(r)
+                if self._owned(w, r.rid, "Results"):
+                    by_client.setdefault(self._close(r.rid).client, []).append(r)
             for client, rs in by_client.items():
                 self._to_client(client, p.Results.join(rs))
         self._drain_pending()
 
-    def _on_ready(self, ident: bytes, msg: p.Ready) -> None:
+    def _on_ready(self, ident: bytes, msg: p.Ready, first: zmq.Frame) -> None:
+        # Connection drops seen so far are handled first: the fd this READY came on may be one that a
+        # dropped worker held a moment ago (its drop was reported before this connection could exist).
+        self._on_connection_events()
+        key = auth.peer_key(first)
+        same_name = next((w for w in self.workers.values() if w.name == msg.worker and w.ident != ident), None)
+        if same_name is not None:
+            # A live worker has this name; nobody takes its place by claiming it. A restarted worker finds
+            # its old entry gone once the old connection dropped, and retries until then.
+            self.faults.add("name_taken", f"READY for {msg.worker!r}, held by a live worker, from {ident.hex()}")
+            self._to_worker(ident, p.Disconnect(reason=f"worker name {msg.worker!r} is taken"))
+            return
         old = self.workers.get(ident)
         if old is not None:
             self._drop_worker(old, f"worker {old.name} registered again (restarted)")
-        self.workers[ident] = WorkerEntry(ident, msg, time.monotonic() + self.heartbeat_s * self.liveness)
-        log.info("worker %s ready: model %s on %s, capacity %d, weights v%d", msg.worker, msg.model,
-                 ",".join(msg.devices), msg.capacity, msg.weight_version)
-        self.back.send_multipart([ident, *p.encode(p.Heartbeat())])
+        elif len(self.workers) >= _MAX_WORKERS:
+            self.faults.add("too_many_workers", f"READY from {ident.hex()} with {_MAX_WORKERS} registered")
+            self._to_worker(ident, p.Disconnect(reason=f"the broker takes at most {_MAX_WORKERS} workers"))
+            return
+        self.workers[ident] = WorkerEntry(ident, msg, time.monotonic() + self.heartbeat_s * self.liveness,
+                                          fd=first.get(zmq.SRCFD), key=key)
+        log.info("worker %s ready: model %s on %s, capacity %d, weights v%d%s", msg.worker, msg.model,
+                 ",".join(msg.devices), msg.capacity, msg.weight_version, f", key {key[:8]}..." if key else "")
+        self._to_worker(ident, p.Heartbeat())
         self._drain_pending()
 
-    def _on_control_reply(self, w: WorkerEntry, msg, frames: list) -> None:
+    def _on_connection_events(self) -> None:
+        """Drop the workers whose connection dropped (the back socket's monitor reports each by its fd)."""
+        while True:
+            try:
+                event = parse_monitor_message(self.back_events.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            for w in [w for w in self.workers.values() if w.fd == event["value"]]:
+                self._drop_worker(w, f"worker {w.name}'s connection dropped")
+
+    def _on_control_reply(self, w: WorkerEntry, msg) -> None:
         c = self.controls.get(msg.cid)
         if c is None or w.ident not in c.waiting:
-            return  # late answer to a command that already timed out
+            return  # late answer to a command that already timed out, or one that was never asked
         c.waiting.discard(w.ident)
         if c.passthrough:
-            del self.controls[c.cid]
-            self.front.send_multipart([c.client, *frames])
+            del self.controls[msg.cid]
+            self._to_client(c.client, dataclasses.replace(msg, cid=c.cid))
             return
         if msg.CMD is p.Cmd.ERROR:
             c.ok = False
@@ -436,8 +599,9 @@ class Broker:
         else:
             c.ok = c.ok and msg.ok
             c.data[w.name] = {"ok": msg.ok, **msg.data}
-            if "weight_version" in msg.data:
-                w.ready.weight_version = msg.data["weight_version"]
+            version = msg.data.get("weight_version")
+            if type(version) is int and version >= 0:
+                w.ready.weight_version = version
         self._maybe_finish(c)
 
     def _maybe_finish(self, c: Control) -> None:
@@ -445,15 +609,17 @@ class Broker:
             self._finish_control(c)
 
     def _finish_control(self, c: Control) -> None:
-        self.controls.pop(c.cid, None)
+        self.controls.pop(c.bcid, None)
         if c.passthrough:
-            self._to_client(c.client, p.Error(code="timeout", cid=c.cid, message="the worker did not answer"))
+            self._to_client(c.client, p.Error(code=RequestTimeout.code, cid=c.cid, message="the worker did not answer"))
         else:
             self._to_client(c.client, p.Reply(cid=c.cid, ok=c.ok, data=c.data))
 
     def _drop_worker(self, w: WorkerEntry, why: str) -> None:
+        if self.workers.get(w.ident) is not w:
+            return
         log.warning("%s; failing its %d request(s)", why, len(w.rids))
-        self.workers.pop(w.ident, None)
+        del self.workers[w.ident]
         for rid in list(w.rids):
             self._fail(rid, WorkerLost(why))
         for c in list(self.controls.values()):
@@ -462,14 +628,14 @@ class Broker:
                 c.ok = False
                 c.data[w.name] = {"ok": False, "error": WorkerLost.code, "message": why}
                 if c.passthrough:
-                    del self.controls[c.cid]
+                    del self.controls[c.bcid]
                     self._to_client(c.client, p.Error(code=WorkerLost.code, cid=c.cid, message=why))
                 else:
                     self._maybe_finish(c)
 
     def _worker_name(self, ident: bytes) -> str:
         w = self.workers.get(ident)
-        return w.name if w else ident.decode(errors="replace")
+        return w.name if w else ident.hex()
 
     # -------------------------------------------------------------------------------------- placement
 
@@ -486,51 +652,73 @@ class Broker:
 
     def _assign(self, rid: str, w: WorkerEntry, frames: list) -> None:
         req = self.requests[rid]
-        req.worker, req.frames = w.ident, None
+        req.worker = w.ident
         w.load += req.n
         w.rids.add(rid)
         self.back.send_multipart([w.ident, *frames])
 
     def _drain_pending(self) -> None:
         while self.pending:
-            rid = self.pending[0]
-            req = self.requests.get(rid)
-            if req is None or req.worker is not None:
-                self.pending.popleft()  # aborted or failed while waiting
-                continue
+            rid = next(iter(self.pending))
+            req = self.pending[rid]
             w = self._place(req.n)
             if w is None:
                 return
-            self.pending.popleft()
-            self._assign(rid, w, req.frames)
+            frames = req.frames
+            del self.pending[rid]
+            self._release(req)
+            self._assign(rid, w, frames)
 
     def _abort_pending(self, rids: list[str]) -> None:
         """Requests that never reached a worker end at once, as aborted, with no tokens."""
         for rid in rids:
-            req = self.requests.get(rid)
-            if req is None or req.worker is not None:
+            req = self.pending.get(rid)
+            if req is None:
                 continue
-            del self.requests[rid]
+            self._close(rid)
             samples = [{"index": i, "text": "", "finish_reason": "abort", "logprobs": False} for i in range(req.n)]
             self._to_client(req.client, p.Result(rid=rid, worker="", weight_version=-1, samples=samples,
                                                  frames=[b""] * req.n))
 
-    def _fail(self, rid: str, err: RolloutdError) -> None:
+    def _expire_requests(self, now: float) -> None:
+        """End the requests whose caller's deadline has passed: nobody waits for them any more (a client
+        that went away frees what it held). Those on a worker are aborted there too."""
+        by_worker: dict[bytes, list[str]] = {}
+        while self.deadlines and self.deadlines[0][0] <= now:
+            expires, rid = heapq.heappop(self.deadlines)
+            req = self.requests.get(rid)
+            if req is None or req.expires != expires:
+                continue  # ended already
+            if req.worker is not None:
+                by_worker.setdefault(req.worker, []).append(rid)
+            self._fail(rid, RequestTimeout(f"request {rid} passed its deadline at the broker"))
+        for ident, rids in by_worker.items():
+            self._to_worker(ident, p.Abort(cid="broker-deadline", rids=rids))
+        if len(self.deadlines) > 2 * len(self.requests) + 1024:  # drop the entries of ended requests
+            self.deadlines = [(r.expires, rid) for rid, r in self.requests.items()]
+            heapq.heapify(self.deadlines)
+
+    def _fail(self, rid: str, err: RolloutdError, client: bytes | None = None) -> None:
+        """End a request with an error to its client (or to `client`, for a request never admitted)."""
         req = self._close(rid)
         if req is not None:
-            self._to_client(req.client, p.Error(code=err.code, message=str(err), rid=rid))
+            client = req.client
+        if client is not None:
+            self._to_client(client, p.Error(code=err.code, message=str(err), rid=rid))
 
     def _to_client(self, client: bytes, msg: p.Message) -> None:
         self.front.send_multipart([client, *p.encode(msg)])
 
+    def _to_worker(self, ident: bytes, msg: p.Message) -> None:
+        self.back.send_multipart([ident, *p.encode(msg)])
 
-def _ids_of(frames: list) -> tuple[str | None, str | None]:
-    """Best-effort rid and cid of a message that failed to decode, so the error reply can name them."""
-    try:
-        hdr = msgpack.unpackb(frames[1], raw=False) if len(frames) > 1 and len(frames[1]) <= p.MAX_HEADER_BYTES else {}
-    except Exception:  # garbage: nothing to name
-        return None, None
-    if not isinstance(hdr, dict):
-        return None, None
-    rid, cid = hdr.get("rid"), hdr.get("cid")
-    return (rid if isinstance(rid, str) else None), (cid if isinstance(cid, str) else None)
+
+def _raise_fd_limit() -> None:
+    """Every connection holds a file descriptor: take the hard limit, so that idle connections cannot
+    exhaust a soft limit of 1024 (under systemd, set LimitNOFILE= for a higher hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, e)

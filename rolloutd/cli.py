@@ -43,9 +43,23 @@ def _liveness_args(p: argparse.ArgumentParser) -> None:
                    help=f"heartbeat interval; a peer silent for {config.LIVENESS} of them is dead (default {config.HEARTBEAT_S})")
 
 
+def _keys_args(p: argparse.ArgumentParser, listens: bool = False) -> None:
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="CURVE keys folder from `rolloutd keys generate` (default: $ROLLOUTD_KEYS; none: no authentication)")
+    if listens:
+        p.add_argument("--insecure", action="store_true",
+                       help="allow listening on a non-loopback address without keys (anyone who reaches it may "
+                            "submit work and register workers)")
+
+
+def _drain_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--drain-s", type=float, default=config.DRAIN_S,
+                   help=f"on SIGTERM, how long requests in flight may still finish before {what} "
+                        f"(default {config.DRAIN_S:g}, $ROLLOUTD_DRAIN_S; a second signal aborts at once)")
+
+
 def _worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drain-s", type=float, default=30.0,
-                   help="on SIGTERM, how long in-flight requests may still finish before they are aborted (default 30)")
+    _drain_arg(p, "they are aborted with their partial output delivered")
     p.add_argument("--capacity", type=int, default=None,
                    help="sequences a worker accepts at once (default 4x the engine's max-num-seqs)")
 
@@ -108,8 +122,14 @@ def cpu_bind(worker: int, workers: int, tp: int, ncpu: int | None = None) -> str
 # ------------------------------------------------------------------------------------------------ commands
 
 def cmd_up(a) -> int:
+    from . import auth
     from .launcher import Launcher, child_cmd, gpu_count
     from .models import resolve
+
+    keys = auth.keys_dir(a.keys)
+    security = ["--keys", keys] if keys else []
+    for address in (a.front, a.back):
+        auth.check_bind(address, keys, a.insecure)  # refused here, before any engine starts
 
     resolve(a.model)  # prepare a built-in model once here, not in every worker at the same time
     gpus = gpu_count()
@@ -124,22 +144,29 @@ def cmd_up(a) -> int:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i * a.tensor_parallel_size + j) for j in range(a.tensor_parallel_size))
         elif a.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(i, workers, a.tensor_parallel_size)
-        cmd = child_cmd("worker", "--broker", a.back, "--id", f"{host}-w{i}", *_passthrough(a))
+        cmd = child_cmd("worker", "--broker", a.back, "--id", f"{host}-w{i}", *security, *_passthrough(a))
         worker_cmds.append((cmd, env))
     # The broker drains as long as the workers: systemd and slurm signal it together with them.
     broker = child_cmd("broker", "--front", a.front, "--back", a.back, "--heartbeat-s", str(a.heartbeat_s),
-                       "--drain-s", str(a.drain_s))
+                       "--drain-s", str(a.drain_s), *security, *(["--insecure"] if a.insecure else []))
     # Past the drain, a worker still aborts, delivers and shuts its engine down: then the launcher kills.
-    return Launcher(broker, worker_cmds, a.front, stop_timeout_s=a.drain_s + 60).run()
+    return Launcher(broker, worker_cmds, a.front, stop_timeout_s=a.drain_s + 60, keys=keys).run()
 
 
 def cmd_broker(a) -> int:
+    from . import auth
     from .broker import Broker
 
     import zmq
 
     ctx = zmq.Context()  # its own, so that ending it waits for the last messages to leave
-    b = Broker(a.front, a.back, heartbeat_s=a.heartbeat_s, max_pending=a.max_pending, drain_s=a.drain_s, ctx=ctx)
+    try:
+        b = Broker(a.front, a.back, heartbeat_s=a.heartbeat_s, max_pending=a.max_pending,
+                   max_pending_bytes=a.max_pending_bytes, max_client_bytes=a.max_client_bytes, drain_s=a.drain_s,
+                   keys=auth.keys_dir(a.keys), insecure=a.insecure, ctx=ctx)
+    except OSError as e:
+        print(f"rolloutd broker: {e}", file=sys.stderr)
+        return 2
     b.install_signal_handlers()
     b.run()
     ctx.term()
@@ -149,8 +176,11 @@ def cmd_broker(a) -> int:
 def cmd_worker(a) -> int:
     from .worker import run_worker
 
+    from . import auth
+
     return run_worker(_engine_options(a), a.broker, worker_id=a.id, capacity=a.capacity,
-                      weight_version=a.weight_version, heartbeat_s=a.heartbeat_s, drain_s=a.drain_s)
+                      weight_version=a.weight_version, heartbeat_s=a.heartbeat_s, drain_s=a.drain_s,
+                      keys=auth.keys_dir(a.keys))
 
 
 def cmd_generate(a) -> int:
@@ -162,7 +192,7 @@ def cmd_generate(a) -> int:
     if not a.raw:
         prompts = [[{"role": "user", "content": t}] for t in prompts]
     sampling = dict(n=a.n, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed)
-    with Client(a.address, timeout=a.timeout) as c:
+    with Client(a.address, timeout=a.timeout, keys=a.keys) as c:
         results = c.generate(prompts, **sampling)
     for prompt, r in zip(a.prompt or prompts, results):
         if a.json:
@@ -179,7 +209,7 @@ def cmd_generate(a) -> int:
 def cmd_status(a) -> int:
     from .client import Client
 
-    with Client(a.address) as c:
+    with Client(a.address, keys=a.keys) as c:
         st = c.status(timeout=a.timeout)
     if a.json:
         print(json.dumps(st, indent=2))
@@ -200,7 +230,7 @@ def cmd_abort(a) -> int:
 
     if not a.all and not a.ids:
         raise SystemExit("name request ids, or --all")
-    with Client(a.address) as c:
+    with Client(a.address, keys=a.keys) as c:
         reply = c.abort_all(timeout=a.timeout) if a.all else c.abort(a.ids, timeout=a.timeout)
     print(json.dumps(reply, indent=2))
     return 0 if reply.get("ok") else 1
@@ -210,7 +240,7 @@ def cmd_state(a) -> int:
     """pause / resume / sleep / wake: one aggregated reply, per worker."""
     from .client import Client
 
-    with Client(a.address) as c:
+    with Client(a.address, keys=a.keys) as c:
         if a.cmd == "pause":
             reply = c.pause(a.mode, refuse=a.refuse, timeout=a.timeout)
         elif a.cmd == "resume":
@@ -227,6 +257,32 @@ def cmd_models(a) -> int:
     from .models import prepare
 
     print(prepare(a.name, force=a.force))
+    return 0
+
+
+def cmd_keys(a) -> int:
+    from . import auth
+
+    directory = a.dir or auth.keys_dir(None) or os.path.join(os.path.expanduser("~"), ".config", "rolloutd", "keys")
+    w = auth.generate_keys(directory, force=a.force)
+    d = os.path.dirname(w["broker"])
+    rel = {k: os.path.relpath(v, d) for k, v in w.items()}
+    print(f"wrote CURVE keys to {d} (secret files 0600, folder 0700):")
+    rows = [(rel["broker"], "the broker's pair", "broker host only"),
+            (rel["broker_public"], "the broker's public key", "every host"),
+            (rel["worker"], "a worker's pair", "worker hosts"),
+            (rel["client"], "a client's pair", "client (trainer) hosts"),
+            (rel["workers"] + "/", "public keys allowed to register workers", "broker host"),
+            (rel["clients"] + "/", "public keys allowed to send work", "broker host")]
+    for row in rows:
+        print(f"  {row[0]:<20} {row[1]:<42} -> {row[2]}")
+    print(f"""
+Copy to each machine only what it needs (over ssh; *.key_secret must stay private), into a folder DIR there,
+and point rolloutd at it with --keys DIR or {auth.ENV}=DIR:
+  broker host:  broker.key_secret, workers/, clients/   rolloutd broker --keys DIR ... (or rolloutd up --keys DIR)
+  worker hosts: broker.key, worker.key_secret           rolloutd worker --keys DIR ...
+  client hosts: broker.key, client.key_secret           Client(address, keys=DIR), rolloutd generate --keys DIR ...
+To admit another worker or client key, put its public .key file into workers/ or clients/ and restart the broker.""")
     return 0
 
 
@@ -247,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     _worker_args(p)
     _liveness_args(p)
+    _keys_args(p, listens=True)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("broker", help="the broker alone (multi-node launches)")
@@ -254,10 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--back", default=config.BACK, help=f"address for workers (default {config.BACK})")
     p.add_argument("--max-pending", type=int, default=config.MAX_PENDING,
                    help=f"requests held while every worker is full, then refused as busy (default {config.MAX_PENDING})")
-    p.add_argument("--drain-s", type=float, default=30.0,
-                   help="on SIGTERM, how long requests in flight may still finish before the broker aborts them at "
-                        "their workers and forwards the partial outputs (default 30; a second signal aborts at once)")
+    p.add_argument("--max-pending-bytes", type=int, default=config.MAX_PENDING_BYTES,
+                   help=f"bytes of prompts held while every worker is full, all clients together "
+                        f"(default {config.MAX_PENDING_BYTES})")
+    p.add_argument("--max-client-bytes", type=int, default=config.MAX_CLIENT_BYTES,
+                   help=f"the same for one client (default {config.MAX_CLIENT_BYTES})")
+    _drain_arg(p, "the broker aborts them at their workers and forwards the partial outputs")
     _liveness_args(p)
+    _keys_args(p, listens=True)
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("worker", help="one worker (one GPU or TP group) connecting to a broker")
@@ -267,12 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     _worker_args(p)
     _liveness_args(p)
+    _keys_args(p)
     p.set_defaults(func=cmd_worker)
 
     def client_args(p):
         p.add_argument("--address", default=config.FRONT, help=f"the broker (default {config.FRONT})")
         p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
         p.add_argument("--json", action="store_true", help="JSON output")
+        _keys_args(p)
 
     p = sub.add_parser("generate", help="ask the daemon; prints the answers")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: lines of stdin)")
@@ -319,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("name", choices=["smollm2", "tiny"])
     mp.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("keys", help="CURVE keys for the broker, workers and clients")
+    ksub = p.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
+    kp = ksub.add_parser("generate", help="write broker, worker and client key pairs and the allowlists")
+    kp.add_argument("--dir", default=None,
+                    help="the keys folder (default: $ROLLOUTD_KEYS, else ~/.config/rolloutd/keys)")
+    kp.add_argument("--force", action="store_true", help="replace existing keys (every host then needs the new files)")
+    p.set_defaults(func=cmd_keys)
     return ap
 
 

@@ -13,6 +13,10 @@ was generated is lost.
 
 One Client (one socket) per thread; to abort from elsewhere while a generate call blocks, use a second
 Client, or AsyncClient, whose calls run side by side on one connection.
+
+A call ends at once with BrokerUnreachable when the connection to the broker drops (the broker stopped or
+restarted: what it held is gone); the same client object works again once a broker is back at the address.
+With keys (`keys=DIR` or $ROLLOUTD_KEYS, see rolloutd.auth) the connection is CurveZMQ, as the broker's.
 """
 from __future__ import annotations
 
@@ -26,10 +30,11 @@ from typing import AsyncIterator, Iterator, Sequence
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from . import config
+from . import auth, config, sockets
 from . import protocol as p
-from .errors import BadRequest, BrokerUnreachable, RequestTimeout, RolloutdError, from_code
+from .errors import BadRequest, BrokerUnreachable, ProtocolError, RequestTimeout, RolloutdError, from_code
 from .results import Delta, Result, deltas_from_message, from_batch, from_message
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -40,17 +45,19 @@ _STREAM_QUEUE = 4096  # stream deltas buffered per request before the reader wai
 class _Base:
     """What both clients share: the socket's set-up, ids, and turning calls into messages."""
 
-    def __init__(self, address: str, timeout: float, connect_timeout: float, ctx):
+    def __init__(self, address: str, timeout: float, connect_timeout: float, keys: str | None, ctx):
         self.address = address
         self.timeout = timeout
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, config.HWM)
-        self.sock.setsockopt(zmq.RCVHWM, config.HWM)
-        # Queue messages only on a live connection, and give up sending after connect_timeout: a broker
-        # that is not there shows up as BrokerUnreachable instead of a call that waits for nothing.
+        self.connect_timeout = connect_timeout
+        self.sock = sockets.new(ctx, zmq.DEALER)
+        # Queue messages only on a live connection: a broker that is not there shows up as BrokerUnreachable
+        # (a send that times out) instead of a call that waits for nothing.
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
-        self.sock.setsockopt(zmq.SNDTIMEO, int(connect_timeout * 1000))
+        keys = auth.keys_dir(keys)
+        if keys:
+            auth.make_client(self.sock, keys, "client")
+        # A dropped connection means the broker lost what this client had sent: the calls waiting end at once.
+        self.events = sockets.monitor(self.sock)
         self.sock.connect(address)
         self._prefix = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}-"
         self._count = itertools.count()
@@ -58,7 +65,29 @@ class _Base:
     def new_id(self) -> str:
         return self._prefix + str(next(self._count))
 
-    def _generate_msgs(self, prompts, request_ids, stream: bool, sampling: dict) -> list[p.Generate]:
+    def _close_sockets(self) -> None:
+        self.sock.disable_monitor()
+        self.events.close(0)
+        self.sock.close(0)
+
+    def _dropped(self) -> bool:
+        """Whether the connection to the broker dropped since last asked (reads the monitor's events)."""
+        dropped = False
+        while True:
+            try:
+                event = parse_monitor_message(self.events.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return dropped
+            dropped = dropped or event["event"] == zmq.EVENT_DISCONNECTED
+
+    def _lost(self) -> BrokerUnreachable:
+        return BrokerUnreachable(f"the connection to the broker at {self.address} dropped (it stopped or restarted); "
+                                 "what it held for this call is gone")
+
+    def _unreachable(self) -> BrokerUnreachable:
+        return BrokerUnreachable(f"could not reach a broker at {self.address}")
+
+    def _generate_msgs(self, prompts, request_ids, stream: bool, sampling: dict, timeout_s: float) -> list[p.Generate]:
         if isinstance(prompts, (str, np.ndarray)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], (int, dict))):
             raise BadRequest("generate takes a list of prompts; wrap a single prompt in a list")
         sampling = p.check_sampling(sampling)
@@ -69,31 +98,44 @@ class _Base:
         msgs = []
         for i, prompt in enumerate(prompts):
             rid = request_ids[i] if request_ids is not None else self.new_id()
-            msgs.append(_generate_msg(rid, prompt, sampling, stream))
+            msgs.append(_generate_msg(rid, prompt, sampling, stream, timeout_s))
         return msgs
 
-    def _deadline(self, timeout: float | None) -> float:
-        return time.monotonic() + (self.timeout if timeout is None else timeout)
+    def _timeout(self, timeout: float | None) -> float:
+        t = self.timeout if timeout is None else timeout
+        if not 0 < t <= p.MAX_TIMEOUT_S:
+            raise BadRequest(f"timeout must be in (0, {p.MAX_TIMEOUT_S:.0f}] seconds, got {t}")
+        return t
 
 
-def _generate_msg(rid: str, prompt, sampling: dict, stream: bool) -> p.Generate:
+def _generate_msg(rid: str, prompt, sampling: dict, stream: bool, timeout_s: float) -> p.Generate:
+    kw = dict(rid=rid, sampling=sampling, stream=stream, timeout_s=timeout_s)
     if isinstance(prompt, str):
-        return p.Generate(rid=rid, sampling=sampling, prompt=prompt, stream=stream)
+        return p.Generate(prompt=prompt, **kw)
     if isinstance(prompt, np.ndarray) or (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (int, np.integer))):
-        return p.Generate(rid=rid, sampling=sampling, stream=stream, frames=[p.pack_ids(prompt)])
+        return p.Generate(frames=[p.pack_ids(prompt)], **kw)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
         p.check_chat(prompt)
-        return p.Generate(rid=rid, sampling=sampling, prompt=prompt, stream=stream)
+        return p.Generate(prompt=prompt, **kw)
     raise BadRequest(f"a prompt is text, a non-empty list of token ids or chat messages; got {type(prompt).__name__}")
 
 
-def _results_of(msg: p.Message) -> list[Result] | None:
-    """The Results a message carries (one for RESULT, many for a RESULTS batch); None for any other."""
-    if msg.CMD is p.Cmd.RESULTS:
-        return from_batch(msg)
-    if msg.CMD is p.Cmd.RESULT:
-        return [from_message(msg)]
-    return None
+def _received(frames: list) -> list:
+    """What one received message means to the calls waiting: Results (one for RESULT, many for a RESULTS
+    batch) or the message itself. One that cannot be decoded, or does not add up, becomes a ProtocolError
+    for each request or call it names, so that those fail now instead of at their timeout."""
+    try:
+        msg = p.decode(frames, p.BROKER_TO_CLIENT)
+        if msg.CMD is p.Cmd.RESULTS:
+            return from_batch(msg)
+        if msg.CMD is p.Cmd.RESULT:
+            return [from_message(msg)]
+        return [msg]
+    except RolloutdError as e:
+        rids, cid = p.ids_of(frames)
+        text = f"an undecodable answer came for it: {e}"[:2000]
+        return ([p.Error(code=ProtocolError.code, message=text, rid=rid) for rid in rids]
+                + ([p.Error(code=ProtocolError.code, message=text, cid=cid)] if cid else []))
 
 
 def _key(msg: p.Message | Result) -> str | None:
@@ -127,11 +169,14 @@ class Client(_Base):
     """Blocking client. Not thread-safe: one per thread."""
 
     def __init__(self, address: str = config.FRONT, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 connect_timeout: float = CONNECT_TIMEOUT_S):
-        super().__init__(address, timeout, connect_timeout, zmq.Context.instance())
+                 connect_timeout: float = CONNECT_TIMEOUT_S, keys: str | None = None):
+        super().__init__(address, timeout, connect_timeout, keys, zmq.Context.instance())
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self.events, zmq.POLLIN)
 
     def close(self) -> None:
-        self.sock.close(0)
+        self._close_sockets()
 
     def __enter__(self):
         return self
@@ -139,33 +184,40 @@ class Client(_Base):
     def __exit__(self, *exc):
         self.close()
 
-    def _send(self, msg: p.Message) -> None:
+    def _start(self, timeout: float | None) -> float:
+        """A call begins: connection drops from before it are no concern of it. Returns its deadline."""
+        deadline = time.monotonic() + self._timeout(timeout)
+        self._dropped()
+        return deadline
+
+    def _send(self, msg: p.Message, deadline: float) -> None:
+        """Send, waiting for a connection at most connect_timeout and never past the call's deadline."""
+        wait_s = min(self.connect_timeout, deadline - time.monotonic())
+        self.sock.setsockopt(zmq.SNDTIMEO, max(0, int(wait_s * 1000)))
         try:
             self.sock.send_multipart(p.encode(msg), copy=False)
         except zmq.Again:
-            raise BrokerUnreachable(f"could not reach a broker at {self.address}") from None
+            raise self._unreachable() from None
 
-    def _recv(self, deadline: float) -> p.Message | None:
-        """The next message, or None at the deadline. Malformed messages are skipped, never fatal."""
+    def _recv(self, deadline: float) -> list | None:
+        """What the next message means (see _received), or None at the deadline; BrokerUnreachable at once
+        if the connection drops. Messages that name nothing waiting are skipped by the callers."""
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(left * 1000, zmq.POLLIN):
+            if left <= 0:
                 return None
-            try:
-                return p.decode(self.sock.recv_multipart(zmq.NOBLOCK))  # poll said one is there
-            except RolloutdError:
-                continue
+            ready = dict(self._poller.poll(left * 1000))
+            if self.events in ready and self._dropped():
+                raise self._lost()
+            if self.sock in ready:
+                return _received(self.sock.recv_multipart(zmq.NOBLOCK))  # poll said one is there
 
     def _timed_out(self, what: str, rids: Sequence[str] = ()) -> RolloutdError:
-        if rids:  # nobody will wait for these any more: free the engine
+        if rids:  # nobody will wait for these any more: free the engine (best effort, never blocks)
             try:
-                self._send(p.Abort(cid=self.new_id(), rids=list(rids)))
-            except RolloutdError:
+                self.sock.send_multipart(p.encode(p.Abort(cid=self.new_id(), rids=list(rids))), zmq.NOBLOCK)
+            except zmq.ZMQError:
                 pass
-        try:
-            self._call(p.Ping(cid=self.new_id(), target="broker"), timeout=1.0)
-        except RolloutdError:
-            return BrokerUnreachable(f"no answer from a broker at {self.address} ({what})")
         return RequestTimeout(f"{what} did not finish in time")
 
     # ------------------------------------------------------------------------------------- generation
@@ -177,18 +229,19 @@ class Client(_Base):
         sampling: n, temperature, top_p, top_k, min_p, max_tokens, min_tokens, stop, stop_token_ids, seed,
         ignore_eos, logprobs (True: each sampled token's logprob), presence/frequency/repetition_penalty.
         """
-        msgs = self._generate_msgs(prompts, request_ids, False, sampling)
-        deadline = self._deadline(timeout)
+        t = self._timeout(timeout)
+        msgs = self._generate_msgs(prompts, request_ids, False, sampling, t)
+        deadline = self._start(t)
         for m in msgs:
-            self._send(m)
+            self._send(m, deadline)
         rids = [m.rid for m in msgs]
         waiting = set(rids)
         results, errors = {}, {}
         while waiting:
-            msg = self._recv(deadline)
-            if msg is None:
+            got = self._recv(deadline)
+            if got is None:
                 raise self._timed_out(f"generate of {len(rids)} prompt(s)", list(waiting))
-            for m in _results_of(msg) or (msg,):
+            for m in got:
                 rid = _key(m)
                 if rid not in waiting:
                     continue  # a late answer to an earlier call
@@ -203,35 +256,37 @@ class Client(_Base):
     def stream(self, prompt, *, timeout: float | None = None, request_id: str | None = None,
                **sampling) -> Iterator[Delta | Result]:
         """Yield a Delta per engine step as tokens arrive, then the final Result."""
-        (msg,) = self._generate_msgs([prompt], [request_id] if request_id else None, True, sampling)
-        deadline = self._deadline(timeout)
-        self._send(msg)
+        t = self._timeout(timeout)
+        (msg,) = self._generate_msgs([prompt], [request_id] if request_id else None, True, sampling, t)
+        deadline = self._start(t)
+        self._send(msg, deadline)
         while True:
-            m = self._recv(deadline)
-            if m is None:
+            got = self._recv(deadline)
+            if got is None:
                 raise self._timed_out("stream", [msg.rid])
-            for r in _results_of(m) or ():
-                if r.request_id == msg.rid:
-                    yield r
+            for m in got:
+                if _key(m) != msg.rid:
+                    continue
+                if isinstance(m, Result):
+                    yield m
                     return
-            if getattr(m, "rid", None) != msg.rid:
-                continue
-            if m.CMD is p.Cmd.TOKENS:
-                yield from deltas_from_message(m)
-            elif m.CMD is p.Cmd.ERROR:
-                raise _error(m)
+                if m.CMD is p.Cmd.TOKENS:
+                    yield from deltas_from_message(m)
+                elif m.CMD is p.Cmd.ERROR:
+                    raise _error(m)
 
     # ----------------------------------------------------------------------------------------- control
 
     def _call(self, msg, timeout: float | None = None) -> dict:
-        deadline = self._deadline(timeout)
-        self._send(msg)
+        deadline = self._start(timeout)
+        self._send(msg, deadline)
         while True:
-            m = self._recv(deadline)
-            if m is None:
+            got = self._recv(deadline)
+            if got is None:
                 raise RequestTimeout(f"{type(msg).__name__} got no answer in time")
-            if getattr(m, "cid", None) == msg.cid:
-                return _reply(m)
+            for m in got:
+                if not isinstance(m, Result) and getattr(m, "cid", None) == msg.cid:
+                    return _reply(m)
 
     def abort(self, request_ids: Sequence[str], timeout: float | None = None) -> dict:
         """Abort these requests (their callers get partial outputs, finish_reason "abort"). The reply names
@@ -313,20 +368,21 @@ class AsyncClient(_Base):
     """
 
     def __init__(self, address: str = config.FRONT, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 connect_timeout: float = CONNECT_TIMEOUT_S):
-        super().__init__(address, timeout, connect_timeout, zmq.Context.instance())
-        self.connect_timeout = connect_timeout
-        self._waiters: dict[str, asyncio.Future | asyncio.Queue] = {}
+                 connect_timeout: float = CONNECT_TIMEOUT_S, keys: str | None = None):
+        super().__init__(address, timeout, connect_timeout, keys, zmq.Context.instance())
+        self._waiters: dict[str, asyncio.Future | asyncio.Queue | _Gather] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._parked: collections.deque = collections.deque()  # read, not yet delivered (a stream queue was full)
         self._poll_handle: asyncio.TimerHandle | None = None
+        self._drops = 0  # connection drops seen: a stream that started before the last one has lost its request
 
     async def close(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self.sock.getsockopt(zmq.FD))
+            self._loop.remove_reader(self.events.getsockopt(zmq.FD))
             if self._poll_handle is not None:
                 self._poll_handle.cancel()
-        self.sock.close(0)
+        self._close_sockets()
 
     async def __aenter__(self):
         return self
@@ -334,28 +390,53 @@ class AsyncClient(_Base):
     async def __aexit__(self, *exc):
         await self.close()
 
-    async def _send(self, msg: p.Message) -> None:
+    def _attach(self) -> None:
+        """On first use, inside the running loop: read the socket and its connection events from callbacks."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+            self._dropped()  # drops before any call concern none
             self._loop.add_reader(self.sock.getsockopt(zmq.FD), self._on_readable)
+            self._loop.add_reader(self.events.getsockopt(zmq.FD), self._on_events)
             self._safety_poll()
+
+    def _deadline(self, timeout: float | None) -> float:
+        self._attach()
+        return time.monotonic() + self._timeout(timeout)
+
+    async def _send(self, msg: p.Message, deadline: float) -> None:
+        """Send, waiting for a connection at most connect_timeout and never past the call's deadline."""
         frames = p.encode(msg)
-        deadline = time.monotonic() + self.connect_timeout
+        give_up = min(deadline, time.monotonic() + self.connect_timeout)
         while True:
             try:
                 self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 break
             except zmq.Again:  # no live connection yet (IMMEDIATE), or the broker is not reading
-                if time.monotonic() > deadline:
-                    raise BrokerUnreachable(f"could not reach a broker at {self.address}") from None
+                if time.monotonic() > give_up:
+                    raise self._unreachable() from None
                 await asyncio.sleep(0.005)
         if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._loop.call_soon(self._on_readable)  # a send can swallow the FD's edge for arrivals
 
     def _safety_poll(self) -> None:
-        """The FD is edge-triggered: read now and then anyway, so that no message can sit unnoticed."""
+        """The FDs are edge-triggered: read now and then anyway, so that nothing can sit unnoticed."""
         self._on_readable()
+        self._on_events()
         self._poll_handle = self._loop.call_later(0.1, self._safety_poll)
+
+    def _on_events(self) -> None:
+        """The connection dropped: every call waiting now ends with BrokerUnreachable (the broker lost them)."""
+        if not self._dropped():
+            return
+        self._drops += 1
+        for key, w in list(self._waiters.items()):
+            if isinstance(w, _Gather):
+                w.put(key, self._lost())
+            elif isinstance(w, asyncio.Queue):
+                if not w.full():
+                    w.put_nowait(None)  # wakes the stream, which then sees the drop
+            elif not w.done():
+                w.set_exception(self._lost())
 
     def _on_readable(self) -> None:
         while True:
@@ -370,11 +451,7 @@ class AsyncClient(_Base):
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except (zmq.Again, zmq.ZMQError):
                 return
-            try:
-                msg = p.decode(frames)
-            except RolloutdError:
-                continue
-            self._parked.extend(_results_of(msg) or (msg,))
+            self._parked.extend(_received(frames))
 
     def _deliver(self, msg: p.Message | Result) -> bool:
         """Hand a message or a Result to whoever waits for its id; False: a full stream queue."""
@@ -393,14 +470,14 @@ class AsyncClient(_Base):
     async def generate(self, prompts: Sequence, *, timeout: float | None = None,
                        request_ids: Sequence[str] | None = None, **sampling) -> list[Result]:
         """As Client.generate."""
-        msgs = self._generate_msgs(prompts, request_ids, False, sampling)
         deadline = self._deadline(timeout)
+        msgs = self._generate_msgs(prompts, request_ids, False, sampling, self._timeout(timeout))
         rids = [m.rid for m in msgs]
         gather = _Gather(rids, asyncio.get_running_loop().create_future())
         try:
             for m in msgs:
                 self._waiters[m.rid] = gather
-                await self._send(m)
+                await self._send(m, deadline)
             await asyncio.wait([gather.done], timeout=max(0.0, deadline - time.monotonic()))
         finally:
             for rid in rids:
@@ -410,29 +487,42 @@ class AsyncClient(_Base):
         for rid, msg in done.items():
             if isinstance(msg, Result):
                 results[rid] = msg
+            elif isinstance(msg, RolloutdError):
+                errors[rid] = msg
             else:
                 errors[rid] = _error(msg)
         for rid in late:
             errors[rid] = RequestTimeout(f"request {rid} did not finish in time", request_id=rid)
         if late:
-            await self._send(p.Abort(cid=self.new_id(), rids=late))
+            self._abort_nowait(late)
         return _finish(rids, results, errors)
+
+    def _abort_nowait(self, rids: list[str]) -> None:
+        """Nobody waits for these any more: free the engine (best effort, never blocks)."""
+        try:
+            self.sock.send_multipart(p.encode(p.Abort(cid=self.new_id(), rids=rids)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     async def stream(self, prompt, *, timeout: float | None = None, request_id: str | None = None,
                      **sampling) -> AsyncIterator[Delta | Result]:
         """Yield a Delta per engine step as tokens arrive, then the final Result."""
-        (msg,) = self._generate_msgs([prompt], [request_id] if request_id else None, True, sampling)
         deadline = self._deadline(timeout)
+        (msg,) = self._generate_msgs([prompt], [request_id] if request_id else None, True, sampling,
+                                     self._timeout(timeout))
         q: asyncio.Queue = asyncio.Queue(_STREAM_QUEUE)
         self._waiters[msg.rid] = q
+        drops = self._drops
         try:
-            await self._send(msg)
+            await self._send(msg, deadline)
             while True:
                 try:
                     m = await asyncio.wait_for(q.get(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
-                    await self._send(p.Abort(cid=self.new_id(), rids=[msg.rid]))
+                    self._abort_nowait([msg.rid])
                     raise RequestTimeout("stream did not finish in time", request_id=msg.rid) from None
+                if self._drops != drops:
+                    raise self._lost()
                 if self._parked:
                     self._loop.call_soon(self._on_readable)  # room again: take up reading
                 if isinstance(m, Result):
@@ -447,10 +537,11 @@ class AsyncClient(_Base):
             self._waiters.pop(msg.rid, None)
 
     async def _call(self, msg, timeout: float | None = None) -> dict:
+        deadline = self._deadline(timeout)
         fut = self._waiters[msg.cid] = asyncio.get_running_loop().create_future()
         try:
-            await self._send(msg)
-            await asyncio.wait([fut], timeout=max(0.0, self._deadline(timeout) - time.monotonic()))
+            await self._send(msg, deadline)
+            await asyncio.wait([fut], timeout=max(0.0, deadline - time.monotonic()))
         finally:
             self._waiters.pop(msg.cid, None)
         if not fut.done():

@@ -13,8 +13,14 @@ BACK = os.environ.get("ROLLOUTD_BACK", "tcp://127.0.0.1:5556")
 HEARTBEAT_S = float(os.environ.get("ROLLOUTD_HEARTBEAT_S", "1.0"))
 LIVENESS = int(os.environ.get("ROLLOUTD_LIVENESS", "5"))
 
-# Requests the broker holds when every worker is full; past this a request is refused as busy.
+# Requests the broker holds when every worker is full; past this many, or past these bytes (their prompts,
+# all clients together and per client), a request is refused as busy.
 MAX_PENDING = int(os.environ.get("ROLLOUTD_MAX_PENDING", "65536"))
+MAX_PENDING_BYTES = int(os.environ.get("ROLLOUTD_MAX_PENDING_BYTES", str(1 << 30)))
+MAX_CLIENT_BYTES = int(os.environ.get("ROLLOUTD_MAX_CLIENT_BYTES", str(256 << 20)))
+
+# On a stop signal, how long requests in flight may still finish before they are aborted.
+DRAIN_S = float(os.environ.get("ROLLOUTD_DRAIN_S", "30"))
 
 # High-water marks (messages) on every socket: past them senders block or fail, memory stays bounded.
 HWM = int(os.environ.get("ROLLOUTD_HWM", "200000"))

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import protocol as p
+from .errors import BadRequest
 
 log = logging.getLogger("rolloutd.engine")
 
@@ -109,11 +110,16 @@ def sampling_params(sampling: dict, stream: bool):
     want_logprobs = s.pop("logprobs", False)
     if s.get("top_k") in (0, -1):
         del s["top_k"]  # "off" is spelt -1 or 0 depending on the release; leave vLLM's default
-    return SamplingParams(
-        **s,
-        logprobs=0 if want_logprobs else None,  # 0: just the sampled token's logprob
-        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-    )
+    try:
+        return SamplingParams(
+            **s,
+            logprobs=0 if want_logprobs else None,  # 0: just the sampled token's logprob
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
+    except Exception as e:
+        if _refused(e):  # options each valid alone, refused together (greedy with n > 1, ...)
+            raise BadRequest(str(e)) from None
+        raise
 
 
 def tokens_prompt(ids: list[int]):
@@ -127,7 +133,12 @@ async def generate(engine, prompt, params, request_id: str, on_collector):
     has the request. vLLM's abort() puts each aborted request's final output into its collector before it
     returns; holding them, the worker sends all those results at once instead of waiting for one task
     wake-up per request (see Worker._send_aborted)."""
-    q = await engine.add_request(request_id, prompt, params)
+    try:
+        q = await engine.add_request(request_id, prompt, params)
+    except Exception as e:
+        if _refused(e):  # vLLM's input checks: a prompt longer than the model takes, and the like
+            raise BadRequest(str(e)) from None
+        raise
     on_collector(q)
     try:
         finished = False
@@ -151,9 +162,10 @@ def final_output(collector):
     return out if getattr(out, "finished", False) and hasattr(out, "outputs") else None
 
 
-def is_client_error(e: BaseException) -> bool:
-    """Whether vLLM refused the request itself (too long, greedy with n > 1, ...) rather than failed.
-    vLLM 0.32 raises VLLMClientError subclasses, older releases ValueError; match by name so that both work."""
+def _refused(e: BaseException) -> bool:
+    """Whether vLLM refused a request's input (asked only of what SamplingParams and add_request raise: their
+    checks of the caller's values). vLLM 0.32 raises VLLMClientError subclasses, older releases ValueError;
+    match by name so that both work."""
     return isinstance(e, (ValueError, TypeError)) or any(c.__name__ == "VLLMClientError" for c in type(e).__mro__)
 
 

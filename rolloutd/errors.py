@@ -77,6 +77,14 @@ class ShuttingDown(RolloutdError):
     code = "shutting_down"
 
 
+class InsecureBind(RolloutdError):
+    """Listening on a non-loopback address needs keys (`rolloutd keys generate`) or --insecure.
+
+    Without keys, anyone who can reach such an address can submit work or register as a worker."""
+
+    code = "insecure"
+
+
 class InternalError(RolloutdError):
     """A bug in rolloutd; the message says where."""
 
@@ -85,7 +93,7 @@ class InternalError(RolloutdError):
 
 _BY_CODE = {cls.code: cls for cls in (
     ProtocolError, BadRequest, Busy, WorkerLost, RequestTimeout, BrokerUnreachable, Unsupported,
-    EngineError, Paused, ShuttingDown, InternalError)}
+    EngineError, Paused, ShuttingDown, InsecureBind, InternalError)}
 
 
 def from_code(code: str, message: str, request_id: str | None = None) -> RolloutdError:

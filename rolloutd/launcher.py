@@ -53,8 +53,9 @@ def gpu_count() -> int:
 
 class Launcher:
     def __init__(self, broker_cmd: list[str], worker_cmds: list[tuple[list[str], dict]], front: str,
-                 ready_timeout_s: float = 900.0, stop_timeout_s: float = 60.0):
+                 ready_timeout_s: float = 900.0, stop_timeout_s: float = 60.0, keys: str | None = None):
         self.broker_cmd = broker_cmd
+        self.keys = keys
         self.worker_cmds = worker_cmds
         self.front = front
         self.ready_timeout_s = ready_timeout_s
@@ -82,7 +83,7 @@ class Launcher:
     def _wait_ready(self) -> bool:
         want = len(self.workers)
         deadline = time.monotonic() + self.ready_timeout_s
-        with Client(self.front, timeout=2.0) as c:
+        with Client(self.front, timeout=2.0, keys=self.keys) as c:
             while not self.stops.level:
                 if self._dead():
                     return False

@@ -36,11 +36,20 @@ TAG = b"RLD1"  # protocol name + version: a peer speaking another version is ref
 MAX_HEADER_BYTES = 1 << 20  # headers are small; a bigger one is garbage or abuse
 # ... except those that carry generated text (Tokens, Result, Results): n samples of long answers
 MAX_TEXT_HEADER_BYTES = 1 << 26
-MAX_FRAMES = 4 + 2 * 1024  # a result carries up to 2 frames per sample, n <= 1024
-MAX_FRAME_BYTES = 1 << 26  # 64 MiB: 16M prompt tokens; bulk weights never ride these sockets
-MAX_PROMPT_TOKENS = 1 << 20
-MAX_ID_LEN = 128
 MAX_N = 1024
+MAX_FRAME_BYTES = 1 << 26  # 64 MiB: what a worker may send in one frame; bulk weights never ride these sockets
+MAX_PROMPT_TOKENS = 1 << 20
+# The largest frame a client has any reason to send: a prompt of MAX_PROMPT_TOKENS int32 ids.
+MAX_CLIENT_FRAME_BYTES = 4 * MAX_PROMPT_TOKENS
+MAX_ID_LEN = 128
+MAX_IDS = 1 << 16  # request ids in one abort or one results batch
+MAX_CAPACITY = 1 << 20  # sequences one worker may say it takes at once
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+# A request whose client named no deadline ends after this: a vanished client cannot hold it forever.
+DEFAULT_TIMEOUT_S = 3600.0
+PAUSE_MODES = ("abort", "wait", "keep")
+WAKE_TAGS = ("weights", "kv_cache")
+WEIGHT_SOURCES = ("path", "cuda_ipc", "shm")
 
 TOKEN_DTYPE = np.dtype("<i4")
 LOGPROB_DTYPE = np.dtype("<f4")
@@ -72,12 +81,33 @@ class Cmd(IntEnum):
     ERROR = 41
 
 
+def rule(check, what: str, **kw):
+    """A header field whose value must also pass `check` (a range, a length, a set of names); decode
+    refuses the message otherwise, naming the field and `what` it must be."""
+    return field(metadata={"rule": (check, what)}, **kw)
+
+
+def _is_id(v) -> bool:
+    return 0 < len(v) <= MAX_ID_LEN
+
+
+def _ids(limit: int = MAX_IDS):
+    return lambda v: len(v) <= limit and all(_is_id(x) for x in v)
+
+
+ID = f"1..{MAX_ID_LEN} characters"
+IDS = f"a list of up to {MAX_IDS} ids of {ID}"
+VERSION = (lambda v: -1 <= v < 1 << 63), "an integer from -1 up (-1: none yet)"
+COUNT = (lambda v: 0 <= v < 1 << 31), "a count >= 0"
+
+
 @dataclass
 class Message:
     CMD: ClassVar[Cmd]
     _fields: ClassVar[tuple]  # (name, checker, required, type text) per header field, set by _register
 
     MAX_HEADER: ClassVar[int] = MAX_HEADER_BYTES
+    MAX_BULK: ClassVar[int] = 0  # bulk frames after the header, at most
 
     frames: list = field(default_factory=list, kw_only=True)
 
@@ -96,13 +126,13 @@ class Message:
 class Ready(Message):
     """Worker -> broker, first message of a session: what this worker serves."""
     CMD = Cmd.READY
-    worker: str
-    model: str
-    devices: list[str]  # GPU UUIDs, or ["cpu"]
-    capacity: int  # sequences (prompts x n) it accepts at once
-    weight_version: int
-    transports: list[str]  # how it can take weights: "cuda_ipc", "shm", "path"
-    pid: int
+    worker: str = rule(_is_id, ID)
+    model: str = rule(lambda v: len(v) <= 4096, "at most 4096 characters")
+    devices: list[str] = rule(_ids(64), "1..64 device names")  # GPU UUIDs, or ["cpu"]
+    capacity: int = rule(lambda v: 1 <= v <= MAX_CAPACITY, f"1..{MAX_CAPACITY}")  # sequences (prompts x n) at once
+    weight_version: int = rule(*VERSION)
+    transports: list[str] = rule(lambda v: set(v) <= set(WEIGHT_SOURCES), f"a subset of {WEIGHT_SOURCES}")
+    pid: int = rule(*COUNT)
     engine: dict  # {"vllm": "0.32.0", "tensor_parallel_size": 1, ...}
 
 
@@ -111,7 +141,7 @@ class Heartbeat(Message):
     """Both ways, every interval; a worker's also says how much it holds, and whether it is stopping (sent at
     once when it starts to: the broker places nothing new there, and waits for its goodbye)."""
     CMD = Cmd.HEARTBEAT
-    inflight: int = 0
+    inflight: int = rule(*COUNT, default=0)
     stopping: bool = False
 
 
@@ -120,7 +150,7 @@ class Disconnect(Message):
     """Either way: this session is over (a worker stopping, or a broker that does not know the sender).
     The broker answers a worker's with reason BYE once it has read everything that worker sent before."""
     CMD = Cmd.DISCONNECT
-    reason: str = ""
+    reason: str = rule(lambda v: len(v) <= 1024, "at most 1024 characters", default="")
 
 
 BYE = "bye"
@@ -136,13 +166,15 @@ class Generate(Message):
     rendered with the model's chat template), or token ids in frames[0] with `prompt` None.
     """
     CMD = Cmd.GENERATE
-    rid: str
+    MAX_BULK = 1
+    rid: str = rule(_is_id, ID)
     sampling: dict
     prompt: Union[str, list, None] = None
     stream: bool = False
+    # seconds the caller waits for it; the broker ends (and aborts) it once they have passed
+    timeout_s: float = rule(lambda v: 0 < v <= MAX_TIMEOUT_S, f"in (0, {MAX_TIMEOUT_S:.0f}]", default=DEFAULT_TIMEOUT_S)
 
     def check_frames(self) -> None:
-        _check_id(self.rid, "rid")
         self.sampling = check_sampling(self.sampling)
         if self.prompt is None:
             if len(self.frames) != 1:
@@ -174,15 +206,16 @@ class Tokens(Message):
     """
     CMD = Cmd.TOKENS
     MAX_HEADER = MAX_TEXT_HEADER_BYTES
-    rid: str
-    deltas: list[list]
+    MAX_BULK = MAX_N
+    rid: str = rule(_is_id, ID)
+    deltas: list[list] = rule(lambda v: len(v) <= MAX_N, f"at most {MAX_N} deltas")
 
     def check_frames(self) -> None:
         if len(self.frames) != len(self.deltas):
             raise ProtocolError(f"tokens: {len(self.deltas)} deltas but {len(self.frames)} frames")
         for d, f in zip(self.deltas, self.frames):
-            if len(d) != 2 or not isinstance(d[0], int) or not isinstance(d[1], str):
-                raise ProtocolError("tokens: each delta is [sample index, text]")
+            if len(d) != 2 or type(d[0]) is not int or not 0 <= d[0] < MAX_N or not isinstance(d[1], str):
+                raise ProtocolError(f"tokens: each delta is [sample index 0..{MAX_N - 1}, text]")
             _frame_len(f, TOKEN_DTYPE, "token ids")
 
 
@@ -196,19 +229,20 @@ class Result(Message):
     """
     CMD = Cmd.RESULT
     MAX_HEADER = MAX_TEXT_HEADER_BYTES
-    rid: str
-    worker: str
-    weight_version: int
-    samples: list[dict]
-    prompt_tokens: int = 0
+    MAX_BULK = 2 * MAX_N
+    rid: str = rule(_is_id, ID)
+    worker: str = rule(lambda v: len(v) <= MAX_ID_LEN, f"at most {MAX_ID_LEN} characters")  # "": the broker's own
+    weight_version: int = rule(*VERSION)
+    samples: list[dict] = rule(lambda v: 1 <= len(v) <= MAX_N, f"1..{MAX_N} samples")
+    prompt_tokens: int = rule(*COUNT, default=0)
 
     def check_frames(self) -> None:
+        _check_samples(self.samples)
         want = result_frames(self.samples)
         if len(self.frames) != want:
             raise ProtocolError(f"result: samples need {want} frames, got {len(self.frames)}")
         i = 0
         for s in self.samples:
-            _check_sample(s)
             n = _frame_len(self.frames[i], TOKEN_DTYPE, "token ids")
             i += 1
             if s.get("logprobs"):
@@ -217,9 +251,16 @@ class Result(Message):
                 i += 1
 
 
-def _check_sample(s: dict) -> None:
-    if not isinstance(s.get("text"), str) or not isinstance(s.get("finish_reason"), str):
-        raise ProtocolError("result: each sample needs text and finish_reason strings")
+def _check_samples(samples: list) -> None:
+    """Each sample a map with text and finish_reason strings and its index: the indices are 0..n-1, once each."""
+    seen = set()
+    for s in samples:
+        if not isinstance(s, dict) or not isinstance(s.get("text"), str) or not isinstance(s.get("finish_reason"), str):
+            raise ProtocolError("result: each sample needs text and finish_reason strings")
+        i = s.get("index")
+        if type(i) is not int or not 0 <= i < len(samples) or i in seen:
+            raise ProtocolError(f"result: sample indices must be 0..{len(samples) - 1}, each once; got {i!r}")
+        seen.add(i)
 
 
 def result_frames(samples: list[dict]) -> int:
@@ -240,9 +281,10 @@ class Results(Message):
     (float32) in the same order. split() and join() turn it into Result messages and back.
     """
     CMD = Cmd.RESULTS
-    worker: str
-    weight_version: int
-    rids: list[str]
+    MAX_BULK = 3
+    worker: str = rule(_is_id, ID)
+    weight_version: int = rule(*VERSION)
+    rids: list[str] = rule(lambda v: v and _ids()(v), f"1..{MAX_IDS} ids of {ID}")
 
     def items(self) -> list[list]:
         """[[samples, prompt_tokens], ...] from frames[0], unpacked once; ProtocolError if malformed."""
@@ -263,12 +305,14 @@ class Results(Message):
     def check_frames(self) -> None:
         total = lp_total = 0
         any_lp = False
-        for samples, _ in self.items():
+        for samples, prompt_tokens in self.items():
+            if not 1 <= len(samples) <= MAX_N or prompt_tokens < 0:
+                raise ProtocolError(f"results: each item has 1..{MAX_N} samples and a prompt length >= 0")
+            _check_samples(samples)
             for s in samples:
                 k = s.get("tokens")
                 if type(k) is not int or k < 0:
                     raise ProtocolError("results: each sample needs its token count (tokens)")
-                _check_sample(s)
                 total += k
                 if s.get("logprobs"):
                     any_lp, lp_total = True, lp_total + k
@@ -345,15 +389,15 @@ class Results(Message):
 class Abort(Message):
     """Client -> broker -> owning worker(s): stop these requests; each ends with its partial output."""
     CMD = Cmd.ABORT
-    cid: str
-    rids: list[str]
+    cid: str = rule(_is_id, ID)
+    rids: list[str] = rule(_ids(), IDS)
 
 
 @dataclass
 class AbortAll(Message):
     """Client -> broker -> every worker: stop everything in flight."""
     CMD = Cmd.ABORT_ALL
-    cid: str
+    cid: str = rule(_is_id, ID)
 
 
 # ------------------------------------------------------------------------------------------ engine state
@@ -366,9 +410,9 @@ class LoadWeights(Message):
     "shm": buffers shared by a colocated trainer, described in `spec` as plain fields).
     """
     CMD = Cmd.LOAD_WEIGHTS
-    cid: str
-    version: int
-    source: str
+    cid: str = rule(_is_id, ID)
+    version: int = rule(lambda v: 0 <= v < 1 << 63, "an integer >= 0")
+    source: str = rule(lambda v: v in WEIGHT_SOURCES, f"one of {WEIGHT_SOURCES}")
     spec: dict = field(default_factory=dict)
 
 
@@ -376,16 +420,16 @@ class LoadWeights(Message):
 class Sleep(Message):
     """Level 1 offloads weights and drops the KV cache; level 2 drops both."""
     CMD = Cmd.SLEEP
-    cid: str
-    level: int = 1
+    cid: str = rule(_is_id, ID)
+    level: int = rule(lambda v: v in (1, 2), "1 or 2", default=1)
 
 
 @dataclass
 class Wake(Message):
     """Wake from sleep; tags pick what to bring back ("weights", "kv_cache"), empty means all."""
     CMD = Cmd.WAKE
-    cid: str
-    tags: list[str] = field(default_factory=list)
+    cid: str = rule(_is_id, ID)
+    tags: list[str] = rule(lambda v: set(v) <= set(WAKE_TAGS), f"a subset of {WAKE_TAGS}", default_factory=list)
 
 
 @dataclass
@@ -393,15 +437,15 @@ class Pause(Message):
     """mode "abort": abort in flight; "wait": let in flight finish; "keep": freeze in flight until resume.
     New requests while paused wait for resume (within their timeout), or with `refuse` get a Paused error."""
     CMD = Cmd.PAUSE
-    cid: str
-    mode: str = "abort"
+    cid: str = rule(_is_id, ID)
+    mode: str = rule(lambda v: v in PAUSE_MODES, f"one of {PAUSE_MODES}", default="abort")
     refuse: bool = False
 
 
 @dataclass
 class Resume(Message):
     CMD = Cmd.RESUME
-    cid: str
+    cid: str = rule(_is_id, ID)
 
 
 # ------------------------------------------------------------------------------------------------ queries
@@ -410,15 +454,15 @@ class Resume(Message):
 class Status(Message):
     """Client -> broker: the worker table (the broker answers itself)."""
     CMD = Cmd.STATUS
-    cid: str
+    cid: str = rule(_is_id, ID)
 
 
 @dataclass
 class Ping(Message):
     """Client -> broker (target "broker") or -> broker -> a worker (target "worker", or a worker id)."""
     CMD = Cmd.PING
-    cid: str
-    target: str = "worker"
+    cid: str = rule(_is_id, ID)
+    target: str = rule(_is_id, ID, default="worker")
 
 
 # ------------------------------------------------------------------------------------------------ answers
@@ -428,7 +472,7 @@ class Reply(Message):
     """The answer to a cid-carrying command. From the broker, fanned-out commands get one aggregated
     reply whose data maps each worker id to that worker's own reply data."""
     CMD = Cmd.REPLY
-    cid: str
+    cid: str = rule(_is_id, ID)
     ok: bool = True
     data: dict = field(default_factory=dict)
 
@@ -437,10 +481,10 @@ class Reply(Message):
 class Error(Message):
     """Something went wrong; `code` is one of rolloutd.errors' codes. rid or cid names what it answers."""
     CMD = Cmd.ERROR
-    code: str
+    code: str = rule(lambda v: 0 < len(v) <= 64, "1..64 characters")
     message: str
-    rid: Union[str, None] = None
-    cid: Union[str, None] = None
+    rid: Union[str, None] = rule(lambda v: v is None or _is_id(v), ID, default=None)
+    cid: Union[str, None] = rule(lambda v: v is None or _is_id(v), ID, default=None)
 
 
 # ------------------------------------------------------------------------------------------------- codec
@@ -463,21 +507,26 @@ def encode(msg: Message) -> list[bytes]:
     return [_HEAD[msg.CMD], _packb(msg.header()), *msg.frames]
 
 
-def decode(frames: list, *, check_frames: bool = True) -> Message:
-    """Parse and validate one message. Raises ProtocolError / BadRequest naming what is wrong.
+def decode(frames: list, allowed: frozenset, *, check_frames: bool = True) -> Message:
+    """Parse and validate one message that may only be one of `allowed` (commands, e.g. CLIENT_TO_BROKER).
+    Raises ProtocolError / BadRequest naming what is wrong.
 
-    check_frames=False skips the bulk-frame checks (the broker forwards those it does not read).
+    Everything that costs nothing is checked before the header is unpacked: the tag, the command against
+    the socket's allowlist, the number of frames and their bytes. check_frames=False skips the bulk-frame
+    checks (the broker forwards frames it does not read).
     """
     if len(frames) < 2:
         raise ProtocolError(f"a message has at least 2 frames (tag+command, header), got {len(frames)}")
-    if len(frames) > MAX_FRAMES:
-        raise ProtocolError(f"{len(frames)} frames is over the limit of {MAX_FRAMES}")
-    head = bytes(frames[0])
+    head = bytes(memoryview(frames[0])[:6])
     if len(head) != 5 or head[:4] != TAG:
-        raise ProtocolError(f"bad protocol tag {head[:8]!r}: this peer speaks {TAG.decode()}")
+        raise ProtocolError(f"bad protocol tag {head[:5]!r}: this peer speaks {TAG.decode()}")
     cls = _BY_CMD.get(head[4])
     if cls is None:
         raise ProtocolError(f"unknown command byte {head[4]}")
+    if cls.CMD not in allowed:
+        raise ProtocolError(f"{cls.__name__} is not taken here")
+    if len(frames) - 2 > cls.MAX_BULK:
+        raise ProtocolError(f"{cls.__name__} carries at most {cls.MAX_BULK} bulk frames, got {len(frames) - 2}")
     raw = frames[1]
     if len(raw) > cls.MAX_HEADER:
         raise ProtocolError(f"{cls.__name__} header of {len(raw)} bytes is over the limit of {cls.MAX_HEADER}")
@@ -489,17 +538,52 @@ def decode(frames: list, *, check_frames: bool = True) -> Message:
         if name in hdr:
             v = hdr[name]
             if not check(v):
-                raise ProtocolError(f"{cls.__name__}.{name} must be {tname}, got {type(v).__name__}")
+                raise ProtocolError(f"{cls.__name__}.{name} must be {tname}, got {_show(v)}")
             kwargs[name] = v
         elif required:
             raise ProtocolError(f"{cls.__name__} is missing field `{name}`")
     if len(kwargs) != len(hdr):
-        extra = sorted(set(hdr) - set(kwargs))
-        raise ProtocolError(f"{cls.__name__} has unknown field(s) {extra}")
+        extra = [_show(k) for k in hdr if k not in kwargs]
+        raise ProtocolError(f"{cls.__name__} has unknown field(s) {', '.join(extra[:8])}")
     msg = cls(**kwargs, frames=list(frames[2:]))
     if check_frames:
         msg.check_frames()
     return msg
+
+
+def ids_of(frames: list) -> tuple[list[str], str | None]:
+    """Best effort: the request ids (rid, or a batch's rids) and cid of a message that failed to decode, so
+    that the error reply, or the failure of the requests it was for, can name them. Headers over
+    MAX_HEADER_BYTES are not read."""
+    if len(frames) < 2 or len(frames[1]) > MAX_HEADER_BYTES:
+        return [], None
+    try:
+        hdr = _unpackb(frames[1], "header")
+    except ProtocolError:
+        return [], None
+    if not isinstance(hdr, dict):
+        return [], None
+    ok = lambda v: isinstance(v, str) and _is_id(v)
+    rids = hdr.get("rids") if isinstance(hdr.get("rids"), list) else [hdr.get("rid")]
+    cid = hdr.get("cid")
+    return [r for r in rids[:MAX_IDS] if ok(r)], (cid if ok(cid) else None)
+
+
+def _show(v) -> str:
+    """A value for an error text: its type, and its start when short (keys of any msgpack type can be here)."""
+    text = repr(v)
+    return f"{type(v).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+# Which commands each hop takes: decode refuses the rest before unpacking anything.
+CLIENT_TO_BROKER = frozenset({Cmd.GENERATE, Cmd.ABORT, Cmd.ABORT_ALL, Cmd.LOAD_WEIGHTS, Cmd.SLEEP, Cmd.WAKE,
+                              Cmd.PAUSE, Cmd.RESUME, Cmd.STATUS, Cmd.PING})
+WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.TOKENS, Cmd.RESULT, Cmd.RESULTS,
+                              Cmd.REPLY, Cmd.ERROR})
+BROKER_TO_WORKER = frozenset({Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.GENERATE, Cmd.ABORT, Cmd.ABORT_ALL,
+                              Cmd.LOAD_WEIGHTS, Cmd.SLEEP, Cmd.WAKE, Cmd.PAUSE, Cmd.RESUME, Cmd.PING})
+BROKER_TO_CLIENT = frozenset({Cmd.TOKENS, Cmd.RESULT, Cmd.RESULTS, Cmd.REPLY, Cmd.ERROR})
+ANY = frozenset(Cmd)
 
 
 # ------------------------------------------------------------------------------------- field validators
@@ -550,11 +634,6 @@ def check_chat(messages) -> None:
     for m in messages:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise BadRequest("each chat message needs string `role` and `content`")
-
-
-def _check_id(v: str, what: str) -> None:
-    if not v or len(v) > MAX_ID_LEN:
-        raise ProtocolError(f"{what} must be 1..{MAX_ID_LEN} characters")
 
 
 def _frame_len(frame, dtype: np.dtype, what: str) -> int:
@@ -629,6 +708,10 @@ def _checker(tp) -> typing.Callable[[Any], bool]:
     raise TypeError(f"protocol field type {tp!r} has no wire checker")
 
 
+def _and(type_ok, rule_ok):
+    return lambda v: type_ok(v) and bool(rule_ok(v))
+
+
 def _register() -> None:
     mod = sys.modules[__name__]
     for cmd in Cmd:
@@ -643,7 +726,11 @@ def _register() -> None:
                 continue
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             tp = hints[f.name]
-            fields.append((f.name, _checker(tp), required, getattr(tp, "__name__", str(tp))))
+            check, what = _checker(tp), getattr(tp, "__name__", str(tp))
+            if "rule" in f.metadata:
+                check = _and(check, f.metadata["rule"][0])
+                what = f"{what}, {f.metadata['rule'][1]}"
+            fields.append((f.name, check, required, what))
         cls._fields = tuple(fields)
         _BY_CMD[int(cmd)] = cls
         _HEAD[cmd] = TAG + bytes([int(cmd)])

@@ -23,7 +23,7 @@ import time
 
 import zmq
 
-from . import config
+from . import auth, config, sockets
 from . import engine as eng
 from . import protocol as p
 from .errors import BadRequest, EngineError, Paused, RolloutdError, ShuttingDown, Unsupported
@@ -34,8 +34,6 @@ log = logging.getLogger("rolloutd.worker")
 # How often the worker re-sends an abort for requests that were still being added to the engine when it
 # came (vLLM cannot abort a request it has not registered yet); it goes on until every one has ended.
 _REABORT_EVERY_S = 0.05
-
-PAUSE_MODES = ("abort", "wait", "keep")
 
 # A batch of results leaves once it holds this many (or at the end of the event-loop turn): when 512
 # requests end at once, the broker and the client work on the first batches while the worker packs the
@@ -71,7 +69,8 @@ class _Job:
 class Worker:
     def __init__(self, engine, broker: str = config.BACK, *, worker_id: str | None = None, model: str = "",
                  capacity: int | None = None, weight_version: int = 0, heartbeat_s: float = config.HEARTBEAT_S,
-                 liveness: int = config.LIVENESS, drain_s: float = 30.0, ctx: zmq.Context | None = None):
+                 liveness: int = config.LIVENESS, drain_s: float = config.DRAIN_S, keys: str | None = None,
+                 ctx: zmq.Context | None = None):
         self.engine = engine
         self.broker = broker
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -81,6 +80,7 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
         self.drain_s = drain_s
+        self.keys = keys  # CURVE keys folder (rolloutd.auth), or None
         # How long a silent broker is waited for. Far longer than the broker's own patience: the broker
         # expiring a worker is what frees clients, while a worker giving up throws away all it holds; and
         # a restarted broker is noticed at once anyway (it answers our next heartbeat with DISCONNECT).
@@ -146,11 +146,11 @@ class Worker:
 
     async def _session(self) -> None:
         """One registration with the broker: until it goes silent, asks us to re-register, or we stop."""
-        s = self.ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.IDENTITY, self.id.encode())
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, config.HWM)
-        s.setsockopt(zmq.RCVHWM, config.HWM)
+        # No chosen identity: the broker knows this worker by its connection, and its name (in READY) only
+        # while that connection lives, so no other peer can take the name over.
+        s = sockets.new(self.ctx, zmq.DEALER)
+        if self.keys:
+            auth.make_client(s, self.keys, "worker")
         s.connect(self.broker)
         self.sock = s
         self._session_over = asyncio.Event()
@@ -254,9 +254,11 @@ class Worker:
 
     def _on_message(self, frames: list) -> None:
         try:
-            msg = p.decode(frames)
+            msg = p.decode(frames, p.BROKER_TO_WORKER)
         except RolloutdError as e:
-            log.warning("bad message from the broker: %s", e)
+            log.warning("bad message from the broker: %s", str(e)[:300])
+            rids, cid = p.ids_of(frames)
+            self._send(p.Error(code=e.code, message=str(e)[:1000], rid=rids[0] if rids else None, cid=cid))
             return
         cmd = msg.CMD
         if cmd is p.Cmd.GENERATE:
@@ -278,12 +280,8 @@ class Worker:
                 return
             log.warning("broker says: %s", msg.reason)
             self._session_over.set()
-        elif cmd in (p.Cmd.ABORT, p.Cmd.ABORT_ALL, p.Cmd.SLEEP, p.Cmd.WAKE, p.Cmd.PAUSE, p.Cmd.RESUME,
-                     p.Cmd.LOAD_WEIGHTS):
+        else:  # the rest of BROKER_TO_WORKER: commands that may take a while
             self._background(self._control(msg))
-        else:
-            self._send(p.Error(code="protocol", cid=getattr(msg, "cid", None),
-                               message=f"workers do not take {type(msg).__name__}"))
 
     def _refusal(self) -> RolloutdError | None:
         if self._stopping:
@@ -335,8 +333,6 @@ class Worker:
         raise Unsupported(f"{type(msg).__name__} is not implemented by this worker yet")
 
     async def _pause(self, mode: str, refuse: bool) -> dict:
-        if mode not in PAUSE_MODES:
-            raise BadRequest(f"pause mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
         inflight = len(self.jobs)
         if hasattr(self.engine, "pause_generation"):
             # vLLM does the mode's work in its scheduler: abort, drain, or freeze what it holds; requests
@@ -360,8 +356,6 @@ class Worker:
         return {"paused": True, "mode": mode, "inflight_at_pause": inflight, "inflight": len(self.jobs)}
 
     async def _sleep(self, level: int) -> dict:
-        if level not in (1, 2):
-            raise BadRequest(f"sleep level is 1 or 2, got {level}")
         cfg = self.engine.vllm_config.model_config
         if not getattr(cfg, "enable_sleep_mode", False):
             raise Unsupported("sleep mode is off: start the worker with --enable-sleep-mode (GPU only)")
@@ -380,7 +374,7 @@ class Worker:
         try:
             ids = self._prompt_ids(msg)
             job.prompt_tokens = len(ids)
-            params = eng.sampling_params(msg.sampling, msg.stream)
+            params = eng.sampling_params(msg.sampling, msg.stream)  # BadRequest for what vLLM refuses
             if rid in self._aborting:
                 # aborted before its task first ran (512 arrive at once, adding each to vLLM takes a while):
                 # it ends here, with no tokens, and never reaches the engine
@@ -397,10 +391,9 @@ class Worker:
                 self._finish(job)
         except asyncio.CancelledError:
             raise
+        except BadRequest as e:  # the request itself: vLLM refused it, or its prompt cannot be rendered
+            self._send(p.Error(code=BadRequest.code, rid=rid, message=str(e)[:2000]))
         except Exception as e:
-            if isinstance(e, BadRequest) or eng.is_client_error(e):
-                self._send(p.Error(code=BadRequest.code, rid=rid, message=str(e)))
-                return
             log.exception("request %s failed", rid)
             self._send(p.Error(code=EngineError.code, rid=rid, message=f"{type(e).__name__}: {e}"))
             if getattr(self.engine, "errored", False):
@@ -464,7 +457,10 @@ class Worker:
             return p.unpack_ids(msg.frames[0])
         if isinstance(msg.prompt, str):
             return self.tokenizer.encode(msg.prompt)
-        ids = self.tokenizer.apply_chat_template(msg.prompt, add_generation_prompt=True, tokenize=True)
+        try:
+            ids = self.tokenizer.apply_chat_template(msg.prompt, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # the model's template refuses these messages (a role it lacks, say)
+            raise BadRequest(f"the chat template cannot render these messages: {type(e).__name__}: {e}") from None
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
@@ -494,7 +490,7 @@ class Worker:
 
 def run_worker(opts: eng.EngineOptions, broker: str, *, worker_id: str | None = None, capacity: int | None = None,
                weight_version: int = 0, heartbeat_s: float = config.HEARTBEAT_S, liveness: int = config.LIVENESS,
-               drain_s: float = 30.0) -> int:
+               drain_s: float = config.DRAIN_S, keys: str | None = None) -> int:
     """Build the engine, serve until SIGTERM/SIGINT, shut the engine down. Returns the exit code."""
 
     ctx = zmq.Context()  # its own, so that ending it waits for the last results to leave (see _session)
@@ -509,7 +505,7 @@ def run_worker(opts: eng.EngineOptions, broker: str, *, worker_id: str | None = 
         try:
             w = Worker(engine, broker, worker_id=worker_id, model=opts.model, capacity=capacity,
                        weight_version=weight_version, heartbeat_s=heartbeat_s, liveness=liveness, drain_s=drain_s,
-                       ctx=ctx)
+                       keys=keys, ctx=ctx)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, w.request_stop)

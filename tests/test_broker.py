@@ -49,7 +49,7 @@ def broker():
 
 def recv(sock, timeout=2.0):
     assert sock.poll(timeout * 1000), "nothing arrived in time"
-    return p.decode(sock.recv_multipart())
+    return p.decode(sock.recv_multipart(), p.ANY)
 
 
 def recv_skip_beats(sock, timeout=2.0):
@@ -84,7 +84,7 @@ class FakeWorker:
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             if self.sock.poll(20):
-                m = p.decode(self.sock.recv_multipart())
+                m = p.decode(self.sock.recv_multipart(), p.ANY)
                 if m.CMD is not p.Cmd.HEARTBEAT:
                     return False
         return True
@@ -152,7 +152,7 @@ def test_silent_worker_fails_its_requests_with_worker_lost(broker):
     while time.monotonic() < deadline and err is None:  # b keeps beating, a has died
         b.beat()
         if c.poll(50):
-            err = p.decode(c.recv_multipart())
+            err = p.decode(c.recv_multipart(), p.ANY)
     assert err is not None and err.code == WorkerLost.code and err.rid == on["a"]
     assert time.monotonic() - t0 < HB * LIVENESS + 0.9
     assert [w["id"] for w in broker.status()["workers"]] == ["b"]
@@ -172,7 +172,7 @@ def test_abort_reaches_only_the_owner_and_names_unknown_ids(broker):
     m = w.next()
     assert m.CMD is p.Cmd.ABORT and m.rids == ["ra"]
     assert other.has_nothing()
-    w.send(p.Reply(cid="c1", data={"aborted": 1, "unknown": []}))
+    w.send(p.Reply(cid=m.cid, data={"aborted": 1, "unknown": []}))  # the broker's own id for the call
     r = recv(c)
     assert r.CMD is p.Cmd.REPLY and r.data["broker"]["unknown"] == ["nope"]
     assert r.data[w.name]["aborted"] == 1
@@ -182,14 +182,15 @@ def test_fan_out_aggregates_and_times_out_silent_workers(broker):
     a, b = FakeWorker(broker, "a"), FakeWorker(broker, "b")
     c = raw_client(broker)
     c.send_multipart(p.encode(p.AbortAll(cid="c2")))
-    assert a.next().CMD is p.Cmd.ABORT_ALL and b.next().CMD is p.Cmd.ABORT_ALL
-    a.send(p.Reply(cid="c2", data={"aborted": 3}))
+    got_a, got_b = a.next(), b.next()
+    assert got_a.CMD is p.Cmd.ABORT_ALL and got_b.CMD is p.Cmd.ABORT_ALL
+    a.send(p.Reply(cid=got_a.cid, data={"aborted": 3}))
     t0 = time.monotonic()
     while not c.poll(50):  # b answers nothing but keeps beating: the reply closes at control_timeout_s
         a.beat()
         b.beat()
         assert time.monotonic() - t0 < 3
-    r = p.decode(c.recv_multipart())
+    r = p.decode(c.recv_multipart(), p.ANY)
     assert r.CMD is p.Cmd.REPLY and not r.ok
     assert r.data["a"] == {"ok": True, "aborted": 3} and r.data["b"]["error"] == "timeout"
 
@@ -210,7 +211,8 @@ def test_pending_requests_abort_at_once_with_no_tokens(broker):
     ([p.TAG + bytes([p.Cmd.GENERATE]), msgpack.packb({"rid": 5, "sampling": {}})], "Generate.rid must be str"),
     ([p.TAG + bytes([p.Cmd.GENERATE]), b"\x00" * (p.MAX_HEADER_BYTES + 10)], "over the limit"),
     ([p.TAG + bytes([p.Cmd.GENERATE]), msgpack.packb({"rid": "r", "sampling": {"n": -1}, "prompt": "x"})], "`n` must be"),
-    ([p.TAG + bytes([p.Cmd.READY]), msgpack.packb({"worker": "x"})], "missing field"),
+    ([p.TAG + bytes([p.Cmd.GENERATE]), msgpack.packb({"sampling": {}, "prompt": "x"})], "missing field"),
+    ([p.TAG + bytes([p.Cmd.READY]), msgpack.packb({"worker": "x"})], "Ready is not taken here"),
 ])
 def test_bad_client_messages_get_an_error_reply_and_the_broker_keeps_serving(broker, frames, match):
     c = raw_client(broker)
@@ -230,9 +232,10 @@ def test_bad_worker_messages_get_an_error_and_unknown_workers_are_told_to_regist
     assert recv(s).code == "protocol"
     s.send_multipart(p.encode(p.Heartbeat()))
     assert recv(s).CMD is p.Cmd.DISCONNECT
-    FakeWorker(broker, "ok")
+    w = FakeWorker(broker, "ok")  # held: a worker whose socket closes is dropped at once
     with Client(broker.front_address, timeout=2) as cl:
         assert [x["id"] for x in cl.status()["workers"]] == ["ok"]
+    w.sock.close()
 
 
 def test_duplicate_request_ids_are_refused(broker):

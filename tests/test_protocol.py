@@ -8,7 +8,7 @@ from rolloutd.errors import BadRequest, ProtocolError
 
 
 def roundtrip(msg):
-    return p.decode(p.encode(msg))
+    return p.decode(p.encode(msg), p.ANY)
 
 
 def test_every_command_has_a_message_class():
@@ -63,7 +63,7 @@ def test_wrong_tag_is_named():
     frames = p.encode(p.Status(cid="c"))
     frames[0] = b"XXXX" + frames[0][4:]
     with pytest.raises(ProtocolError, match="bad protocol tag"):
-        p.decode(frames)
+        p.decode(frames, p.ANY)
 
 
 @pytest.mark.parametrize("frames,match", [
@@ -78,14 +78,14 @@ def test_wrong_tag_is_named():
     ([p.TAG + bytes([p.Cmd.STATUS]), msgpack.packb({"cid": "c", "zzz": 1})], "unknown field"),
     ([p.TAG + bytes([p.Cmd.ABORT]), msgpack.packb({"cid": "c", "rids": ["a", 3]})], "Abort.rids must be"),
     ([p.TAG + bytes([p.Cmd.STATUS]), b"\x00" * (p.MAX_HEADER_BYTES + 1)], "over the limit"),
-    ([p.TAG + bytes([p.Cmd.STATUS])] + [b""] * (p.MAX_FRAMES + 1), "over the limit"),
+    ([p.TAG + bytes([p.Cmd.STATUS])] + [b""] * 3, "Status carries at most 0 bulk frames"),
     ([p.TAG + bytes([p.Cmd.GENERATE]), msgpack.packb({"rid": "r", "sampling": {}}), b"abc"], "whole number of int32"),
     ([p.TAG + bytes([p.Cmd.GENERATE]), msgpack.packb({"rid": "r", "sampling": {}})], "exactly one frame"),
     ([p.TAG + bytes([p.Cmd.GENERATE]), msgpack.packb({"rid": "", "sampling": {}, "prompt": "x"})], "rid must be"),
 ])
 def test_malformed_messages_raise_protocol_error(frames, match):
     with pytest.raises(ProtocolError, match=match):
-        p.decode(frames)
+        p.decode(frames, p.ANY)
 
 
 @pytest.mark.parametrize("sampling,match", [
@@ -99,7 +99,7 @@ def test_malformed_messages_raise_protocol_error(frames, match):
 ])
 def test_bad_sampling_is_a_bad_request(sampling, match):
     with pytest.raises(BadRequest, match=match):
-        p.decode(p.encode(p.Generate(rid="r", sampling=sampling, prompt="hi")))
+        p.decode(p.encode(p.Generate(rid="r", sampling=sampling, prompt="hi")), p.ANY)
 
 
 def test_sampling_normalises_stop_string_and_drops_none():
@@ -109,20 +109,20 @@ def test_sampling_normalises_stop_string_and_drops_none():
 @pytest.mark.parametrize("prompt", ["", [], [{"role": "user"}], [{"role": 1, "content": "x"}]])
 def test_bad_prompts_are_bad_requests(prompt):
     with pytest.raises(BadRequest):
-        p.decode(p.encode(p.Generate(rid="r", sampling={}, prompt=prompt)))
+        p.decode(p.encode(p.Generate(rid="r", sampling={}, prompt=prompt)), p.ANY)
 
 
 def test_empty_token_prompt_is_a_bad_request():
     with pytest.raises(BadRequest, match="empty prompt"):
-        p.decode(p.encode(p.Generate(rid="r", sampling={}, frames=[b""])))
+        p.decode(p.encode(p.Generate(rid="r", sampling={}, frames=[b""])), p.ANY)
 
 
 def test_result_frame_count_must_match_samples():
     samples = [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": True}]
     with pytest.raises(ProtocolError, match="need 2 frames"):
-        p.decode(p.encode(p.Result(rid="r", worker="w", weight_version=0, samples=samples, frames=[b""])))
+        p.decode(p.encode(p.Result(rid="r", worker="w", weight_version=0, samples=samples, frames=[b""])), p.ANY)
     # the broker forwards results without reading their frames
-    assert p.decode(p.encode(p.Result(rid="r", worker="w", weight_version=0, samples=samples, frames=[b""])),
+    assert p.decode(p.encode(p.Result(rid="r", worker="w", weight_version=0, samples=samples, frames=[b""])), p.ANY,
                     check_frames=False).rid == "r"
 
 
@@ -150,11 +150,11 @@ def test_a_result_may_carry_more_text_than_a_command_header():
                  samples=[{"index": 0, "text": text, "finish_reason": "stop", "logprobs": False}])
     assert roundtrip(r).samples[0]["text"] == text
     with pytest.raises(ProtocolError, match="over the limit"):
-        p.decode(p.encode(p.Status(cid="x" * (p.MAX_HEADER_BYTES + 10))))
+        p.decode(p.encode(p.Status(cid="x" * (p.MAX_HEADER_BYTES + 10))), p.ANY)
 
 
 def _sample(tokens=1, **kw):
-    return {"text": "", "finish_reason": "stop", "tokens": tokens, **kw}
+    return {"index": 0, "text": "", "finish_reason": "stop", "tokens": tokens, **kw}
 
 
 @pytest.mark.parametrize("items,frames,match", [
@@ -164,7 +164,7 @@ def _sample(tokens=1, **kw):
     ([[[_sample(2)], 0]], [p.pack_ids([1])], "count 2 token ids"),
     ([[[_sample(1, logprobs=True)], 0]], [p.pack_ids([1]), p.pack_logprobs([1.0, 2.0])], "count 1 logprobs"),
     ([[[_sample(-1)], 0]], [b""], "token count"),
-    ([[[{"text": "", "finish_reason": "stop"}], 0]], [b""], "token count"),
+    ([[[{"index": 0, "text": "", "finish_reason": "stop"}], 0]], [b""], "token count"),
     ([[["x"], 0]], [b""], "each item is"),
     ([[[_sample()], 0], [[_sample()], 0]], [p.pack_ids([1, 2])], "1 rids need as many items"),
     (None, [b""], "not valid msgpack"),
@@ -172,7 +172,7 @@ def _sample(tokens=1, **kw):
 def test_bad_results_batches_are_protocol_errors(items, frames, match):
     packed = [b"\xc1"] if items is None else [msgpack.packb(items)]
     with pytest.raises(ProtocolError, match=match):
-        p.decode(p.encode(p.Results(worker="w", weight_version=0, rids=["a"], frames=packed + frames)))
+        p.decode(p.encode(p.Results(worker="w", weight_version=0, rids=["a"], frames=packed + frames)), p.ANY)
 
 
 def test_a_workers_packed_batch_splits_into_the_results_it_would_send_one_by_one():

@@ -1,0 +1,26 @@
+"""ZeroMQ socket set-up that the broker, the workers and the clients share."""
+from __future__ import annotations
+
+import uuid
+
+import zmq
+
+from . import config
+
+
+def new(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    """A socket with the options every rolloutd socket has: no linger at close (each part flushes what
+    must leave itself), and high-water marks so that a peer that stops reading cannot grow its queue
+    without bound."""
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, config.HWM)
+    s.setsockopt(zmq.RCVHWM, config.HWM)
+    return s
+
+
+def monitor(sock: zmq.Socket) -> zmq.Socket:
+    """A socket that receives sock's connection drops (EVENT_DISCONNECTED, its value the connection's fd).
+    It has its own inproc address: pyzmq's default is made from the socket's file descriptor, which a later
+    socket of the same context may reuse, and would then receive this one's events."""
+    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED, addr=f"inproc://rolloutd-monitor-{uuid.uuid4().hex}")

@@ -23,8 +23,10 @@ tests/test_auth.py:
 
 - ZAP is per zmq context: the authenticator answers only for sockets of the context it was started on.
 - A CURVE server whose context has no ZAP handler lets every client key in. make_server therefore sets
-  ZMQ_ZAP_ENFORCE_DOMAIN (the socket then refuses every connection while no handler answers: also after the
-  authenticator stops), and refuses a socket whose context has no authenticator from start_authenticator.
+  ZMQ_ZAP_ENFORCE_DOMAIN (the socket then admits nobody while no handler answers: also after the
+  authenticator stops, when a new handshake is refused or, now and then, left hanging on a request the
+  closing handler never answers), and refuses a socket whose context has no authenticator from
+  start_authenticator.
 - configure_curve(domain=..., location=...) keeps one allowlist per domain: a key outside the socket's
   domain's list gets ZAP "400 Unknown key", a socket with a domain nobody configured "400 Unknown domain".
   A refused peer's messages never reach the socket; the denial is logged (DEBUG) by "rolloutd.auth.zap".
@@ -99,7 +101,8 @@ def generate_keys(directory: str, *, force: bool = False) -> dict[str, str]:
         key_files = [v for k, v in out.items() if k not in ("workers", "clients")] + list(copies.values())
         for path in key_files:
             if os.path.exists(path):
-                raise KeyFileError(f"{path} exists; pass --force to replace the keys (every host then needs the new files)")
+                raise KeyFileError(f"{path} exists; pass --force to replace the keys "
+                                   "(every host then needs the new files)")
     os.makedirs(directory, mode=0o700, exist_ok=True)
     # Before any secret is written: create_certificates makes its files with the umask's mode (often
     # world-readable) and they are tightened only after, so the folder is what keeps them private meanwhile.
@@ -162,7 +165,8 @@ def make_server(sock: zmq.Socket, directory: str, domain: str) -> None:
 
 
 def make_client(sock: zmq.Socket, directory: str, role: str) -> None:
-    """Give sock role's pair ("client" or "worker") and the broker's public key as its CURVE server key. Before connect."""
+    """Give sock role's pair ("client" or "worker"), and the broker's public key to check the broker by.
+    Before connect."""
     if role not in _ROLES:
         raise ValueError(f"role is one of {_ROLES}, not {role!r}")
     public, secret = _load(os.path.join(directory, f"{role}.key_secret"), secret=True)

@@ -143,8 +143,13 @@ class Broker:
             auth.check_bind(address, keys, insecure)
         _raise_fd_limit()
         self.authenticator = auth.start_authenticator(self.ctx, keys) if keys else None
-        self.front = self._bind(front, keys, auth.FRONT_DOMAIN, p.MAX_CLIENT_FRAME_BYTES)
-        self.back = self._bind(back, keys, auth.BACK_DOMAIN, p.MAX_FRAME_BYTES)
+        try:
+            self.front = self._bind(front, keys, auth.FRONT_DOMAIN, p.MAX_CLIENT_FRAME_BYTES)
+            self.back = self._bind(back, keys, auth.BACK_DOMAIN, p.MAX_FRAME_BYTES)
+        except Exception:
+            if self.authenticator is not None:
+                self.authenticator.stop()
+            raise
         # A dropped worker connection shows here at once (a killed process, a closed socket); its requests
         # then fail without waiting out the heartbeat liveness, which is left for networks that go silent.
         self.back_events = sockets.monitor(self.back)
@@ -579,6 +584,8 @@ class Broker:
                 event = parse_monitor_message(self.back_events.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.faults.add("refused_key", f"a worker connection's key was refused ({event['endpoint']!r})")
             if event["event"] != zmq.EVENT_DISCONNECTED:
                 continue
             for w in [w for w in self.workers.values() if w.fd == event["value"]]:

@@ -58,6 +58,7 @@ class _Base:
             auth.make_client(self.sock, keys, "client")
         # A dropped connection means the broker lost what this client had sent: the calls waiting end at once.
         self.events = sockets.monitor(self.sock)
+        self._refused = False  # the broker refused our key (CURVE): say so, not "unreachable"
         self.sock.connect(address)
         self._prefix = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}-"
         self._count = itertools.count()
@@ -78,6 +79,8 @@ class _Base:
                 event = parse_monitor_message(self.events.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return dropped
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._refused = True
             dropped = dropped or event["event"] == zmq.EVENT_DISCONNECTED
 
     def _lost(self) -> BrokerUnreachable:
@@ -85,6 +88,10 @@ class _Base:
                                  "what it held for this call is gone")
 
     def _unreachable(self) -> BrokerUnreachable:
+        self._dropped()
+        if self._refused:
+            return BrokerUnreachable(f"the broker at {self.address} refused this client's key: is its public key "
+                                     f"in the broker's clients/ folder, and broker.key the broker's? (rolloutd keys)")
         return BrokerUnreachable(f"could not reach a broker at {self.address}")
 
     def _generate_msgs(self, prompts, request_ids, stream: bool, sampling: dict, timeout_s: float) -> list[p.Generate]:

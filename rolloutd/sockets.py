@@ -19,8 +19,13 @@ def new(ctx: zmq.Context, kind: int) -> zmq.Socket:
     return s
 
 
+# What the monitors report: a dropped connection (its value the connection's fd), and a handshake the
+# other side refused for its key (CURVE), so that a refused key is not mistaken for a broker not there.
+EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+
+
 def monitor(sock: zmq.Socket) -> zmq.Socket:
-    """A socket that receives sock's connection drops (EVENT_DISCONNECTED, its value the connection's fd).
-    It has its own inproc address: pyzmq's default is made from the socket's file descriptor, which a later
-    socket of the same context may reuse, and would then receive this one's events."""
-    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED, addr=f"inproc://rolloutd-monitor-{uuid.uuid4().hex}")
+    """A socket that receives sock's EVENTS. It has its own inproc address: pyzmq's default is made from
+    the socket's file descriptor, which a later socket of the same context may reuse, and would then
+    receive this one's events."""
+    return sock.get_monitor_socket(EVENTS, addr=f"inproc://rolloutd-monitor-{uuid.uuid4().hex}")

@@ -25,8 +25,8 @@ def running_broker(**kw):
     box, ready = {}, threading.Event()
 
     def run():
-        b = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", heartbeat_s=HB, liveness=LIVENESS, max_pending=4,
-                   control_timeout_s=1.0, ctx=zmq.Context.instance(), **kw)
+        b = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ctx=zmq.Context.instance(),
+                   **{"heartbeat_s": HB, "liveness": LIVENESS, "max_pending": 4, "control_timeout_s": 1.0, **kw})
         box["b"] = b
         ready.set()
         b.run()

@@ -31,9 +31,9 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import auth, config, sockets
 from . import protocol as p
-from .errors import (Busy, InternalError, RequestTimeout, RolloutdError, ShuttingDown,
+from .errors import (BadRequest, Busy, InternalError, RequestTimeout, RolloutdError, ShuttingDown,
                      WorkerLost)
-from .stopping import StopRequests
+from .stopping import Stop, StopRequests
 
 log = logging.getLogger("rolloutd.broker")
 
@@ -187,7 +187,7 @@ class Broker:
     def stop(self) -> None:
         """End the loop now, failing what is in flight with ShuttingDown (safe from any thread: it only
         sets state). Signals go through stops instead: drain first (see _stopped)."""
-        self.stops.force(3)
+        self.stops.force(Stop.EXIT)
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.stops.signal)
@@ -211,7 +211,7 @@ class Broker:
                 self._serve(poller, timeout_ms)
                 if time.monotonic() >= self._next_beat:
                     self._guarded(self._tick)
-            if self.stops.level < 3:
+            if self.stops.level < Stop.EXIT:
                 self._settle(poller)
         finally:
             self._shutdown()
@@ -263,7 +263,7 @@ class Broker:
         come back (for up to _ABORT_GRACE_S). A second signal skips to the abort, a third ends at once.
         Under systemd or slurm the workers got the same signal and drain alongside."""
         now = time.monotonic()
-        if self.stops.level >= 3:
+        if self.stops.level >= Stop.EXIT:
             return True
         if self._drain_until is None:
             self._drain_until = now + self.drain_s
@@ -272,7 +272,7 @@ class Broker:
         # Done once nothing is in flight and no stopping worker still owes its goodbye (it waits for our BYE).
         if not self.requests and not any(w.stopping for w in self.workers.values()):
             return True
-        if self.requests and self._aborted_at is None and (self.stops.level >= 2 or now >= self._drain_until):
+        if self.requests and self._aborted_at is None and (self.stops.level >= Stop.NOW or now >= self._drain_until):
             self._aborted_at = now
             log.info("stopping: aborting %d request(s) still in flight", len(self.requests))
             for w in self.workers.values():  # their replies match no open control: dropped
@@ -347,7 +347,7 @@ class Broker:
             self._to_client(client, p.Error(code=ShuttingDown.code, rid=msg.rid, message="the broker is stopping"))
             return
         if msg.rid in self.requests:
-            self._to_client(client, p.Error(code="bad_request", rid=msg.rid,
+            self._to_client(client, p.Error(code=BadRequest.code, rid=msg.rid,
                                             message=f"request id {msg.rid!r} is already in flight"))
             return
         req = Request(client, msg.n, time.monotonic() + msg.timeout_s, None)

@@ -21,26 +21,31 @@ requests from trainers out to one vLLM worker per GPU over ZeroMQ.
 """
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def _engine_args(p: argparse.ArgumentParser) -> list:
+    """The vLLM engine's options (each one declared here only); returns them, for `up` to pass on."""
     g = p.add_argument_group("engine (vLLM)")
-    g.add_argument("--model", default="smollm2",
-                   help="HF model folder, or a built-in name prepared on first use: smollm2, tiny (default: smollm2)")
-    g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, help="GPUs per worker (default 1)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per engine step (default: vLLM's)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=None, help="share of GPU memory (default: vLLM's)")
-    g.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size in GiB (default: 1 on CPU)")
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (faster start, slower decode)")
-    g.add_argument("--enable-sleep-mode", action="store_true", help="allow sleep / wake (GPU only)")
-    g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other vLLM engine argument, e.g. --engine-arg enable_prefix_caching=false (repeatable)")
+    return [
+        g.add_argument("--model", default="smollm2",
+                       help="HF model folder, or a built-in name prepared on first use: smollm2, tiny (default: smollm2)"),
+        g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, help="GPUs per worker (default 1)"),
+        g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)"),
+        g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per engine step (default: vLLM's)"),
+        g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                       help="share of GPU memory (default: vLLM's)"),
+        g.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size in GiB (default: 1 on CPU)"),
+        g.add_argument("--dtype", default="auto"),
+        g.add_argument("--seed", type=int, default=0),
+        g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (faster start, slower decode)"),
+        g.add_argument("--enable-sleep-mode", action="store_true", help="allow sleep / wake (GPU only)"),
+        g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other vLLM engine argument, e.g. --engine-arg enable_prefix_caching=false (repeatable)"),
+    ]
 
 
-def _liveness_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S,
-                   help=f"heartbeat interval; a peer silent for {config.LIVENESS} of them is dead (default {config.HEARTBEAT_S})")
+def _liveness_args(p: argparse.ArgumentParser) -> list:
+    return [p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S,
+                           help=f"heartbeat interval; a peer silent for {config.LIVENESS} of them is dead "
+                                f"(default {config.HEARTBEAT_S})")]
 
 
 def _keys_args(p: argparse.ArgumentParser, listens: bool = False) -> None:
@@ -52,19 +57,23 @@ def _keys_args(p: argparse.ArgumentParser, listens: bool = False) -> None:
                             "submit work and register workers)")
 
 
-def _drain_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--drain-s", type=float, default=config.DRAIN_S,
-                   help=f"on SIGTERM, how long requests in flight may still finish before {what} "
-                        f"(default {config.DRAIN_S:g}, $ROLLOUTD_DRAIN_S; a second signal aborts at once)")
+def _drain_arg(p: argparse.ArgumentParser, what: str):
+    return p.add_argument("--drain-s", type=float, default=config.DRAIN_S,
+                          help=f"on SIGTERM, how long requests in flight may still finish before {what} "
+                               f"(default {config.DRAIN_S:g}, $ROLLOUTD_DRAIN_S; a second signal aborts at once)")
 
 
-def _worker_args(p: argparse.ArgumentParser) -> None:
-    _drain_arg(p, "they are aborted with their partial output delivered")
-    p.add_argument("--capacity", type=int, default=None,
-                   help="sequences a worker accepts at once (default 4x the engine's max-num-seqs)")
+def _worker_args(p: argparse.ArgumentParser) -> list:
+    """What every worker takes: the engine's options, its drain, capacity and heartbeat."""
+    return [*_engine_args(p), *_liveness_args(p),
+            _drain_arg(p, "they are aborted with their partial output delivered"),
+            p.add_argument("--capacity", type=int, default=None,
+                           help="sequences a worker accepts at once (default 4x the engine's max-num-seqs)")]
 
 
 def _engine_options(a):
+    import dataclasses
+
     from .engine import EngineOptions
     from .models import resolve
 
@@ -74,10 +83,8 @@ def _engine_options(a):
         if not sep:
             raise SystemExit(f"--engine-arg wants KEY=VALUE, got {kv!r}")
         extra[k.replace("-", "_")] = _literal(v)
-    return EngineOptions(model=resolve(a.model), tensor_parallel_size=a.tensor_parallel_size,
-                         max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-                         gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_gb=a.kv_cache_gb, dtype=a.dtype,
-                         seed=a.seed, enforce_eager=a.enforce_eager, enable_sleep_mode=a.enable_sleep_mode, extra=extra)
+    same = {f.name: getattr(a, f.name) for f in dataclasses.fields(EngineOptions) if hasattr(a, f.name)}
+    return EngineOptions(**{**same, "model": resolve(a.model), "extra": extra})
 
 
 def _literal(v: str):
@@ -87,20 +94,18 @@ def _literal(v: str):
         return v
 
 
-def _passthrough(a) -> list[str]:
-    """The engine flags of `up`, handed on to each worker it starts."""
-    out = ["--model", a.model, "--tensor-parallel-size", str(a.tensor_parallel_size), "--dtype", a.dtype,
-           "--seed", str(a.seed), "--heartbeat-s", str(a.heartbeat_s), "--drain-s", str(a.drain_s)]
-    for flag in ("max_model_len", "max_num_seqs", "gpu_memory_utilization", "kv_cache_gb", "capacity"):
-        v = getattr(a, flag)
-        if v is not None:
-            out += ["--" + flag.replace("_", "-"), str(v)]
-    if a.enforce_eager:
-        out.append("--enforce-eager")
-    if a.enable_sleep_mode:
-        out.append("--enable-sleep-mode")
-    for kv in a.engine_arg:
-        out += ["--engine-arg", kv]
+def _passthrough(a, actions: list) -> list[str]:
+    """The flags that give a worker these options (from `up`'s parsed namespace), as the worker parses them."""
+    out = []
+    for act in actions:
+        v, flag = getattr(a, act.dest), act.option_strings[0]
+        if isinstance(act, argparse._StoreTrueAction):
+            out += [flag] if v else []
+        elif isinstance(act, argparse._AppendAction):
+            for item in v:
+                out += [flag, item]
+        elif v is not None:
+            out += [flag, str(v)]
     return out
 
 
@@ -144,7 +149,7 @@ def cmd_up(a) -> int:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i * a.tensor_parallel_size + j) for j in range(a.tensor_parallel_size))
         elif a.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(i, workers, a.tensor_parallel_size)
-        cmd = child_cmd("worker", "--broker", a.back, "--id", f"{host}-w{i}", *security, *_passthrough(a))
+        cmd = child_cmd("worker", "--broker", a.back, "--id", f"{host}-w{i}", *security, *_passthrough(a, a.forward))
         worker_cmds.append((cmd, env))
     # The broker drains as long as the workers: systemd and slurm signal it together with them.
     broker = child_cmd("broker", "--front", a.front, "--back", a.back, "--heartbeat-s", str(a.heartbeat_s),
@@ -300,11 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="workers to start (default: one per GPU group, 1 on CPU)")
     p.add_argument("--front", default=config.FRONT, help=f"address for clients (default {config.FRONT})")
     p.add_argument("--back", default=config.BACK, help=f"address for workers (default {config.BACK})")
-    _engine_args(p)
-    _worker_args(p)
-    _liveness_args(p)
+    forward = _worker_args(p)
     _keys_args(p, listens=True)
-    p.set_defaults(func=cmd_up)
+    p.set_defaults(func=cmd_up, forward=forward)
 
     p = sub.add_parser("broker", help="the broker alone (multi-node launches)")
     p.add_argument("--front", default=config.FRONT, help=f"address for clients (default {config.FRONT})")
@@ -325,9 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", default=config.BACK, help=f"the broker's worker address (default {config.BACK})")
     p.add_argument("--id", default=None, help="worker id (default HOST-PID)")
     p.add_argument("--weight-version", type=int, default=0, help="version of the weights it starts with")
-    _engine_args(p)
     _worker_args(p)
-    _liveness_args(p)
     _keys_args(p)
     p.set_defaults(func=cmd_worker)
 

@@ -19,7 +19,7 @@ import time
 
 from .client import Client
 from .errors import RolloutdError
-from .stopping import StopRequests
+from .stopping import Stop, StopRequests
 
 log = logging.getLogger("rolloutd.up")
 
@@ -138,11 +138,11 @@ class Launcher:
         """Until procs exit. A second signal passes on to them (a worker then aborts what it holds at once and
         still delivers the partial outputs) with _AT_ONCE_S to go; a third, or the stop timeout, kills."""
         deadline = time.monotonic() + self.stop_timeout_s
-        seen = max(self.stops.level, 1)
+        seen = max(self.stops.level, Stop.DRAIN)
         while any(p.poll() is None for p in procs):
             if self.stops.level > seen:
                 seen = self.stops.level
-                if seen == 2:
+                if seen == Stop.NOW:
                     for p in procs:
                         _kill(p, signal.SIGTERM)
                     deadline = min(deadline, time.monotonic() + _AT_ONCE_S)

@@ -10,16 +10,25 @@ within milliseconds. Signals that close together count as one, so that this does
 from __future__ import annotations
 
 import time
+from enum import IntEnum
 
 # Signals closer than this to the previous counted one are the same stop request.
 SAME_STOP_S = 1.0
+
+
+class Stop(IntEnum):
+    """How far a stop has gone: each signal moves it one step."""
+    RUNNING = 0
+    DRAIN = 1  # take nothing new, let what is in flight finish until the drain time
+    NOW = 2  # abort what is in flight at once, still delivering the partial outputs
+    EXIT = 3  # end now
 
 
 class StopRequests:
     """Counts stop requests from signals. Safe to call from a signal handler: it only sets state."""
 
     def __init__(self) -> None:
-        self.level = 0  # 0 running, 1 draining, 2 stop now, 3 exit
+        self.level = Stop.RUNNING
         self._last = -float("inf")
 
     def signal(self, *_args) -> bool:
@@ -28,9 +37,9 @@ class StopRequests:
         if now - self._last < SAME_STOP_S:
             return False
         self._last = now
-        self.level += 1
+        self.level = Stop(min(self.level + 1, Stop.EXIT))
         return True
 
-    def force(self, level: int) -> None:
+    def force(self, level: Stop) -> None:
         """Raise the level without a signal (a dead engine, say)."""
         self.level = max(self.level, level)

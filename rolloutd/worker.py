@@ -27,7 +27,7 @@ from . import auth, config, sockets
 from . import engine as eng
 from . import protocol as p
 from .errors import BadRequest, EngineError, Paused, RolloutdError, ShuttingDown, Unsupported
-from .stopping import StopRequests
+from .stopping import Stop, StopRequests
 
 log = logging.getLogger("rolloutd.worker")
 
@@ -93,6 +93,7 @@ class Worker:
         self.tokenizer = None
         self.sock: zmq.Socket | None = None
         self.paused: str | None = None  # the pause mode while paused
+        self._engine_paused = False  # paused in vLLM's scheduler (else by hand, on a vLLM without pause_generation)
         self.refuse_while_paused = False
         self.sleeping = 0  # sleep level while asleep
         self.stops = StopRequests()  # level 0 running, 1 draining, 2 stop now (see stopping.py)
@@ -208,7 +209,7 @@ class Worker:
         if self.jobs:
             log.info("stopping: waiting up to %.0f s for %d request(s)", self.drain_s, len(self.jobs))
         deadline = time.monotonic() + self.drain_s
-        while self.jobs and self._stopping < 2 and time.monotonic() < deadline:
+        while self.jobs and self._stopping < Stop.NOW and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.jobs:
             log.info("stopping: aborting %d request(s) still running", len(self.jobs))
@@ -317,9 +318,9 @@ class Worker:
         if cmd is p.Cmd.PAUSE:
             return await self._pause(msg.mode, msg.refuse)
         if cmd is p.Cmd.RESUME:
-            if self.paused and self.paused != "-":  # "-": paused by hand on a vLLM without pause_generation
+            if self.paused and self._engine_paused:
                 await self.engine.resume_generation()
-            self.paused, self.refuse_while_paused = None, False
+            self.paused, self.refuse_while_paused, self._engine_paused = None, False, False
             return {"paused": False}
         if cmd is p.Cmd.SLEEP:
             return await self._sleep(msg.level)
@@ -340,6 +341,7 @@ class Worker:
             self.paused, self.refuse_while_paused = mode, refuse
             before = [j.task for j in self.jobs.values()]
             await self.engine.pause_generation(mode=mode, clear_cache=mode != "keep")
+            self._engine_paused = True
             if mode != "keep" and before:
                 # vLLM is done with them; their tasks end in a moment. Waiting for that puts every result
                 # on the wire ahead of this reply, so the caller has them all once pause returns.
@@ -348,7 +350,7 @@ class Worker:
             raise Unsupported(f"vLLM {eng.vllm_version()} cannot freeze requests (pause mode keep)")
         else:
             # Older vLLM: do abort / wait ourselves; new requests are refused while paused.
-            self.paused, self.refuse_while_paused = "-", True
+            self.paused, self.refuse_while_paused = mode, True
             if mode == "abort":
                 await self._abort(list(self.jobs))
             while self.jobs:
@@ -401,7 +403,7 @@ class Worker:
                 # launcher or the service manager sees the exit instead of a worker that fails everything.
                 log.error("the vLLM engine died; stopping this worker")
                 self.exit_code = 1
-                self.stops.force(2)
+                self.stops.force(Stop.NOW)
                 if self._session_over is not None:
                     self._session_over.set()
         finally:

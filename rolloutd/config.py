@@ -7,9 +7,10 @@ import os
 FRONT = os.environ.get("ROLLOUTD_ADDRESS", "tcp://127.0.0.1:5555")
 BACK = os.environ.get("ROLLOUTD_BACK", "tcp://127.0.0.1:5556")
 
-# Liveness as in the ZeroMQ guide's Majordomo: a peer silent for LIVENESS intervals is dead. 5 s, not
-# the guide's 3: a worker's Python loop adding 512 requests to vLLM, or a full garbage collection, goes
-# quiet for a second or two and must not be taken for dead (a 2-core VM lost a healthy worker at 3).
+# Liveness as in the ZeroMQ guide's Majordomo: a peer silent for LIVENESS intervals is dead. 5, not the
+# guide's 3: a worker's loop adding 512 requests to vLLM, or a full garbage collection, goes quiet for a
+# second or two and must not be taken for dead. A killed worker is noticed at once anyway, by its
+# connection dropping: liveness is for networks that go silent.
 HEARTBEAT_S = float(os.environ.get("ROLLOUTD_HEARTBEAT_S", "1.0"))
 LIVENESS = int(os.environ.get("ROLLOUTD_LIVENESS", "5"))
 

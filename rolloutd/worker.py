@@ -83,9 +83,8 @@ class Worker:
         self.keys = keys  # CURVE keys folder (rolloutd.auth), or None
         # How long a silent broker is waited for. Far longer than the broker's own patience: the broker
         # expiring a worker is what frees clients, while a worker giving up throws away all it holds; and
-        # a restarted broker is noticed at once anyway (it answers our next heartbeat with DISCONNECT).
-        # On the 2-core VMs of CI, under vLLM load, the broker's CPU was seen taken away for 14 s while this
-        # worker kept running (the host throttles one virtual CPU at a time; the guest cannot tell).
+        # a restarted broker is noticed at once anyway (it answers our next heartbeat with DISCONNECT). A
+        # host can stop the broker's virtual CPU for many seconds while this worker runs on.
         self.patience_s = max(60.0, 2 * heartbeat_s * liveness)
         self.ctx = ctx or zmq.Context.instance()
         self.jobs: dict[str, _Job] = {}  # rid -> the request, while it runs
@@ -182,8 +181,8 @@ class Worker:
             await asyncio.sleep(self.heartbeat_s)
             late = time.monotonic() - t - self.heartbeat_s
             if late > self.heartbeat_s / 2:
-                # This process was not running (the host took its virtual CPU away: seen for seconds on the
-                # 2-core CI VMs under vLLM load): the broker could not be heard meanwhile.
+                # This process was not running (its host stopped its virtual CPU): the broker could not be
+                # heard meanwhile, so the stall does not count against it.
                 log.warning("worker loop stalled %.2f s", late)
                 self._last_heard += late
             self._on_readable()  # an edge-triggered FD can miss a wake-up; never let a message sit
@@ -192,9 +191,8 @@ class Worker:
 
     async def _goodbye(self) -> None:
         """Tell the broker we are leaving, and wait (up to _BYE_WAIT_S) for its BYE: it comes once the broker
-        has read all we sent. Closing before that lost the last results when the broker, stalled by its host,
-        was still reading a backlog of thousands of messages (3 of 3 stops in one series here; probably the
-        connection reset at close, which drops what the broker's kernel still held)."""
+        has read all we sent. Closing before that can lose the last results while a stalled broker still
+        reads a backlog: the connection's reset at close drops what the broker's kernel still holds."""
         self._bye = asyncio.Event()
         self._send(p.Disconnect(reason="worker stopping"))
         try:
@@ -416,14 +414,13 @@ class Worker:
 
     def _send_aborted(self, rids: list[str]) -> None:
         """Right after vLLM's abort(): each request's final output waits in its collector, and its task would
-        take it from there, one wake-up per request (512 of them took ~6 ms on the H100, after vLLM's own
-        ~5). Their results leave now instead, in one go; each task then finds its job done and just ends.
+        take it from there, one wake-up per request. Their results leave now instead, in one go (the cost of
+        those wake-ups is in perf/results/README.md); each task then finds its job done and just ends.
         Streams are left to their tasks, whose last delta must go out as Tokens first."""
         sent = 0
         # No garbage collection until they are out, and the abort's reply too: the burst allocates enough to
-        # set off collections amid it, up to the oldest generation (on the H100 at 512: 1-3 ms in most
-        # trials, 7.7 ms in one of 30, where the whole abort took 21 ms). The collector comes back on once
-        # the callbacks queued now have run; the reply leaves before (_control sends it as _abort returns).
+        # set off collections amid it, up to the oldest generation. The collector comes back on once the
+        # callbacks queued now have run; the reply leaves before (_control sends it as _abort returns).
         if gc.isenabled():
             gc.disable()
             self._loop.call_soon(gc.enable)
@@ -500,8 +497,8 @@ def run_worker(opts: eng.EngineOptions, broker: str, *, worker_id: str | None = 
     async def main() -> int:
         engine = eng.build_engine(dataclasses.replace(opts, drain_s=drain_s))
         shielded_core = await eng.shield_signals(engine, True)  # this worker owns the stop (stopping.py)
-        # vLLM and torch leave millions of long-lived objects; a full collection walking them costs tens of
-        # ms at a random moment (say, amid an abort of 512 requests). Freeze them out of the collector.
+        # vLLM and torch leave millions of long-lived objects; a full collection walking them would stall the
+        # loop at a random moment (say, amid an abort of 512 requests). Freeze them out of the collector.
         gc.collect()
         gc.freeze()
         try:
@@ -515,9 +512,8 @@ def run_worker(opts: eng.EngineOptions, broker: str, *, worker_id: str | None = 
             await w.run()
             return w.exit_code
         finally:
-            # The last results leave before the engine's own shutdown starts. With that shutdown first, they
-            # never reached the broker in 3 of 5 stops on a 2-core VM (cause not pinned down: the 2 s linger
-            # ran out during vLLM's teardown); flushed first, 0 of 4.
+            # The last results leave before the engine's own shutdown starts: vLLM's teardown can outlast the
+            # socket's linger, and what was still queued would be lost.
             ctx.term()
             if shielded_core:
                 await eng.shield_signals(engine, False)

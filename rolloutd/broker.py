@@ -16,6 +16,7 @@ loop goes on.
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import gc
 import heapq
@@ -168,6 +169,7 @@ class Broker:
         self._drain_until: float | None = None  # set when a stop begins
         self._aborted_at: float | None = None  # when what was left got its abort
         self._next_beat = 0.0
+        self._taken_bytes = 0  # prompt bytes taken in since the heap was last trimmed
 
     def _bind(self, address: str, keys: str | None, domain: str, max_frame: int) -> zmq.Socket:
         s = sockets.new(self.ctx, zmq.ROUTER)
@@ -302,6 +304,12 @@ class Broker:
             c.ok, c.waiting = False, set()
             self._finish_control(c)
         self._expire_requests(now)
+        if self._taken_bytes > _TRIM_AFTER_BYTES:
+            self._taken_bytes = 0
+            t = time.monotonic()
+            _trim_heap()
+            if time.monotonic() - t > 0.05:
+                log.warning("trimming the heap took %.3f s", time.monotonic() - t)
 
     def _shutdown(self) -> None:
         for rid in list(self.requests):
@@ -351,6 +359,7 @@ class Broker:
                                             message=f"request id {msg.rid!r} is already in flight"))
             return
         req = Request(client, msg.n, time.monotonic() + msg.timeout_s, None)
+        self._taken_bytes += sum(len(f) for f in frames)
         w = self._place(msg.n)
         if w is None:
             req.frames = frames
@@ -718,6 +727,35 @@ class Broker:
 
     def _to_worker(self, ident: bytes, msg: p.Message) -> None:
         self.back.send_multipart([ident, *p.encode(msg)])
+
+
+def return_large_frees_to_os() -> None:
+    """Have glibc serve allocations of 256 KiB and more (prompt frames, batches of results) by mmap, so that
+    each goes back to the OS when freed: after a flood of big prompts, the process shrinks back to what it
+    holds instead of keeping its peak. Called once by the broker process; a no-op off glibc."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
+
+
+def _trim_heap() -> None:
+    """Give the OS back the free pages of the heap (smaller allocations, freed after a burst)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both or neither
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _glibc()
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+# Prompt bytes taken in since the heap was last trimmed, past which the next tick trims it.
+_TRIM_AFTER_BYTES = 64 << 20
 
 
 def _raise_fd_limit() -> None:

@@ -160,10 +160,11 @@ def cmd_up(a) -> int:
 
 def cmd_broker(a) -> int:
     from . import auth
-    from .broker import Broker
+    from .broker import Broker, return_large_frees_to_os
 
     import zmq
 
+    return_large_frees_to_os()
     ctx = zmq.Context()  # its own, so that ending it waits for the last messages to leave
     try:
         b = Broker(a.front, a.back, heartbeat_s=a.heartbeat_s, max_pending=a.max_pending,

@@ -18,6 +18,7 @@ import, so a new message cannot be half-added.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import struct
 import sys
 import types
@@ -44,6 +45,7 @@ MAX_CLIENT_FRAME_BYTES = 4 * MAX_PROMPT_TOKENS
 MAX_ID_LEN = 128
 MAX_IDS = 1 << 16  # request ids in one abort or one results batch
 MAX_CAPACITY = 1 << 20  # sequences one worker may say it takes at once
+MAX_DEPTH = 16  # lists and maps within one another in a header: the packer itself stops at 512
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 # A request whose client named no deadline ends after this: a vanished client cannot hold it forever.
 DEFAULT_TIMEOUT_S = 3600.0
@@ -496,10 +498,30 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 
 
 def _unpackb(raw, what: str):
+    """Unpack msgpack that a peer sent: garbage, or nesting deeper than MAX_DEPTH (which could be neither
+    shown nor packed again), is a ProtocolError."""
     try:
-        return msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
+        v = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise ProtocolError(f"{what} is not valid msgpack ({type(e).__name__})") from None
+    if _too_deep(v):
+        raise ProtocolError(f"{what} nests lists or maps deeper than {MAX_DEPTH}")
+    return v
+
+
+def _too_deep(v) -> bool:
+    """Whether v nests lists and maps deeper than MAX_DEPTH (walked without recursion)."""
+    stack = [(v, 0)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, dict):
+            x = x.values()
+        elif not isinstance(x, list):
+            continue
+        if depth >= MAX_DEPTH:
+            return True
+        stack.extend((y, depth + 1) for y in x if isinstance(y, (list, dict)))
+    return False
 
 
 def encode(msg: Message) -> list[bytes]:
@@ -569,10 +591,13 @@ def ids_of(frames: list) -> tuple[list[str], str | None]:
     return [r for r in rids[:MAX_IDS] if ok(r)], (cid if ok(cid) else None)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 40, 40, 4, 4
+
+
 def _show(v) -> str:
-    """A value for an error text: its type, and its start when short (keys of any msgpack type can be here)."""
-    text = repr(v)
-    return f"{type(v).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+    """A value for an error text: its type and a short, shallow repr (keys of any msgpack type can be here)."""
+    return f"{type(v).__name__} {_REPR.repr(v)}"
 
 
 # Which commands each hop takes: decode refuses the rest before unpacking anything.

@@ -196,3 +196,18 @@ def test_a_workers_packed_batch_splits_into_the_results_it_would_send_one_by_one
     # and the client's one-conversion path gives the Results that the one-by-one path gives
     from rolloutd.results import from_batch, from_message
     assert from_batch(batch) == [from_message(r) for r in one_by_one]
+
+
+
+def test_headers_nested_too_deep_are_refused_and_named_without_recursion():
+    # {"cid": "c", "x": [[[...[nil]...]]]}, 1000 deep: more than msgpack's packer or repr can take again
+    deep = b"\x82\xa3cid\xa1c\xa1x" + b"\x91" * 1000 + b"\xc0"
+    with pytest.raises(ProtocolError, match="deeper than 16"):
+        p.decode([p.TAG + bytes([p.Cmd.STATUS]), deep], p.ANY)
+    shallow = {"cid": "c", "engine": {"a": [[1]]}}
+    assert not p._too_deep(shallow)
+
+
+def test_error_texts_show_any_value_briefly():
+    text = p._show({"k": [[[[["x" * 1000]]]]], b"b": 1})
+    assert len(text) < 200 and text.startswith("dict")

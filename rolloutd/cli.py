@@ -48,6 +48,20 @@ def _liveness_args(p: argparse.ArgumentParser) -> list:
                                 f"(default {config.HEARTBEAT_S})")]
 
 
+def _listen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--front", default=None,
+                   help=f"address for clients (default $ROLLOUTD_ADDRESS, else {config.DEFAULT_FRONT})")
+    p.add_argument("--back", default=None,
+                   help=f"address for workers (default $ROLLOUTD_BACK, else {config.DEFAULT_BACK})")
+
+
+# Address options: (attribute, flag, environment variable, default).
+_ADDRESSES = (("front", "--front", "ROLLOUTD_ADDRESS", config.DEFAULT_FRONT),
+              ("back", "--back", "ROLLOUTD_BACK", config.DEFAULT_BACK),
+              ("broker", "--broker", "ROLLOUTD_BACK", config.DEFAULT_BACK),
+              ("address", "--address", "ROLLOUTD_ADDRESS", config.DEFAULT_FRONT))
+
+
 def _keys_args(p: argparse.ArgumentParser, listens: bool = False) -> None:
     p.add_argument("--keys", default=None, metavar="DIR",
                    help="CURVE keys folder from `rolloutd keys generate` (default: $ROLLOUTD_KEYS; none: no authentication)")
@@ -128,19 +142,30 @@ def cpu_bind(worker: int, workers: int, tp: int, ncpu: int | None = None) -> str
 
 def cmd_up(a) -> int:
     from . import auth
-    from .launcher import Launcher, child_cmd, gpu_count
-    from .models import resolve
+    from .launcher import Launcher, child_cmd, gpu_count, has_gpu
+    from .models import NAMES, resolve
+    from .preflight import UsageError, check_listen, check_model, check_numbers
 
+    # Mistakes first, each one line within a second: nothing has started yet.
+    check_model(a.model, NAMES)
+    check_numbers(heartbeat_s=a.heartbeat_s, tensor_parallel_size=a.tensor_parallel_size)
+    if a.workers < 0 or a.drain_s < 0:
+        raise UsageError("--workers and --drain-s cannot be negative")
+    if a.kv_cache_gb is not None and a.gpu_memory_utilization is not None:
+        raise UsageError("--kv-cache-gb and --gpu-memory-utilization both size the KV cache: give one")
+    if a.enable_sleep_mode and not has_gpu():
+        raise UsageError("--enable-sleep-mode needs a GPU: vLLM cannot sleep on CPU")
     keys = auth.keys_dir(a.keys)
     security = ["--keys", keys] if keys else []
     for address in (a.front, a.back):
-        auth.check_bind(address, keys, a.insecure)  # refused here, before any engine starts
+        auth.check_bind(address, keys, a.insecure)
+        check_listen(address)
 
     resolve(a.model)  # prepare a built-in model once here, not in every worker at the same time
     gpus = gpu_count()
     workers = a.workers or max(1, gpus // a.tensor_parallel_size)
     if gpus and workers * a.tensor_parallel_size > gpus:
-        raise SystemExit(f"{workers} worker(s) x tp {a.tensor_parallel_size} needs more than the {gpus} GPU(s) here")
+        raise UsageError(f"{workers} worker(s) x tp {a.tensor_parallel_size} needs more than the {gpus} GPU(s) here")
     host = socket.gethostname()
     worker_cmds = []
     for i in range(workers):
@@ -161,9 +186,12 @@ def cmd_up(a) -> int:
 def cmd_broker(a) -> int:
     from . import auth
     from .broker import Broker, return_large_frees_to_os
+    from .preflight import check_listen
 
     import zmq
 
+    for address in (a.front, a.back):
+        check_listen(address)
     return_large_frees_to_os()
     ctx = zmq.Context()  # its own, so that ending it waits for the last messages to leave
     try:
@@ -183,10 +211,19 @@ def cmd_worker(a) -> int:
     from .worker import run_worker
 
     from . import auth
+    from .models import NAMES
+    from .preflight import check_model
 
-    return run_worker(_engine_options(a), a.broker, worker_id=a.id, capacity=a.capacity,
-                      weight_version=a.weight_version, heartbeat_s=a.heartbeat_s, drain_s=a.drain_s,
-                      keys=auth.keys_dir(a.keys))
+    from .engine import EngineStartError
+
+    check_model(a.model, NAMES)
+    try:
+        return run_worker(_engine_options(a), a.broker, worker_id=a.id, capacity=a.capacity,
+                          weight_version=a.weight_version, heartbeat_s=a.heartbeat_s, drain_s=a.drain_s,
+                          keys=auth.keys_dir(a.keys))
+    except EngineStartError as e:
+        print(f"rolloutd worker: the vLLM engine did not start: {e}", file=sys.stderr)
+        return 3
 
 
 def cmd_generate(a) -> int:
@@ -304,15 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "partial outputs delivered. A second signal (a second or more later) aborts at "
                                    "once, a third kills.")
     p.add_argument("--workers", type=int, default=0, help="workers to start (default: one per GPU group, 1 on CPU)")
-    p.add_argument("--front", default=config.FRONT, help=f"address for clients (default {config.FRONT})")
-    p.add_argument("--back", default=config.BACK, help=f"address for workers (default {config.BACK})")
+    _listen_args(p)
     forward = _worker_args(p)
     _keys_args(p, listens=True)
     p.set_defaults(func=cmd_up, forward=forward)
 
     p = sub.add_parser("broker", help="the broker alone (multi-node launches)")
-    p.add_argument("--front", default=config.FRONT, help=f"address for clients (default {config.FRONT})")
-    p.add_argument("--back", default=config.BACK, help=f"address for workers (default {config.BACK})")
+    _listen_args(p)
     p.add_argument("--max-pending", type=int, default=config.MAX_PENDING,
                    help=f"requests held while every worker is full, then refused as busy (default {config.MAX_PENDING})")
     p.add_argument("--max-pending-bytes", type=int, default=config.MAX_PENDING_BYTES,
@@ -326,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("worker", help="one worker (one GPU or TP group) connecting to a broker")
-    p.add_argument("--broker", default=config.BACK, help=f"the broker's worker address (default {config.BACK})")
+    p.add_argument("--broker", default=None,
+                   help=f"the broker's worker address (default $ROLLOUTD_BACK, else {config.DEFAULT_BACK})")
     p.add_argument("--id", default=None, help="worker id (default HOST-PID)")
     p.add_argument("--weight-version", type=int, default=0, help="version of the weights it starts with")
     _worker_args(p)
@@ -334,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     def client_args(p):
-        p.add_argument("--address", default=config.FRONT, help=f"the broker (default {config.FRONT})")
+        p.add_argument("--address", default=None,
+                       help=f"the broker (default $ROLLOUTD_ADDRESS, else {config.DEFAULT_FRONT})")
         p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
         p.add_argument("--json", action="store_true", help="JSON output")
         _keys_args(p)
@@ -396,13 +433,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import BrokerUnreachable, RolloutdError
+    from .preflight import UsageError, address, unreachable_hint
+
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from .errors import RolloutdError
+    for attr, flag, env, default in _ADDRESSES:
+        if hasattr(a, attr):
+            setattr(a, attr, address(getattr(a, attr), flag, env, default))
     try:
         return a.func(a)
+    except UsageError as e:
+        print(f"rolloutd {a.cmd}: {e}", file=sys.stderr)
+        return 2
+    except BrokerUnreachable as e:
+        no_answer = hasattr(a, "address") and ("could not reach" in str(e) or "no answer" in str(e))
+        print(f"rolloutd {a.cmd}: {unreachable_hint(a.address) if no_answer else e}", file=sys.stderr)
+        return 2
     except RolloutdError as e:
-        print(f"rolloutd: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"rolloutd {a.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 
 # Where clients reach the broker, and where workers reach it.
-FRONT = os.environ.get("ROLLOUTD_ADDRESS", "tcp://127.0.0.1:5555")
-BACK = os.environ.get("ROLLOUTD_BACK", "tcp://127.0.0.1:5556")
+DEFAULT_FRONT = "tcp://127.0.0.1:5555"
+DEFAULT_BACK = "tcp://127.0.0.1:5556"
+FRONT = os.environ.get("ROLLOUTD_ADDRESS", DEFAULT_FRONT)
+BACK = os.environ.get("ROLLOUTD_BACK", DEFAULT_BACK)
 
 # Liveness as in the ZeroMQ guide's Majordomo: a peer silent for LIVENESS intervals is dead. 5, not the
 # guide's 3: a worker's loop adding 512 requests to vLLM, or a full garbage collection, goes quiet for a

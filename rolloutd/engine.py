@@ -9,10 +9,11 @@ import inspect
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from . import protocol as p
-from .errors import BadRequest
+from .errors import BadRequest, EngineError
 
 log = logging.getLogger("rolloutd.engine")
 
@@ -73,6 +74,54 @@ def build_engine(opts: EngineOptions):
         kwargs["shutdown_timeout"] = math.ceil(opts.drain_s) + 5
     kwargs.update(opts.extra)
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+
+class EngineStartError(EngineError):
+    """The vLLM engine did not start; the message is its root cause, in one line, and where its log is."""
+
+
+def start_engine(opts: EngineOptions, log_path: str):
+    """build_engine with vLLM's output going to log_path, not the terminal: vLLM logs to stdout, which this
+    process and the engine processes it starts (they inherit it) keep writing to the log from now on; its
+    stderr goes there too while the engine starts. A failure is then one line (EngineStartError), its
+    traceback in the log."""
+    with open(log_path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+    try:
+        return build_engine(opts)
+    except Exception as e:
+        log.debug("the vLLM engine did not start", exc_info=True)
+        raise EngineStartError(f"{_root_cause(e, log_path)} (full log: {log_path})") from None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+
+
+def _root_cause(e: BaseException, log_path: str) -> str:
+    """The last exception line that an engine process wrote to the log (the root cause: vLLM's own error in
+    this process only says to look above), else the innermost exception here."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = f.read()[-200_000:].splitlines()
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        m = _EXCEPTION_LINE.match(line.strip())
+        if m and "Engine core initialization failed" not in line:
+            return _one_line(f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}")
+    while e.__cause__ or e.__context__:
+        e = e.__cause__ or e.__context__
+    return _one_line(f"{type(e).__name__}: {e}")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 async def shield_signals(engine, on: bool) -> bool:

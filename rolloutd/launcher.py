@@ -24,9 +24,36 @@ from .stopping import Stop, StopRequests
 log = logging.getLogger("rolloutd.up")
 
 _POLL_S = 0.2
+# In a log (not a terminal), how often start-up says what it waits for.
+_PROGRESS_EVERY_S = 10.0
 # After a second signal, how long children get to stop at once before they are killed: a worker aborts its
 # requests and sends their partial outputs first, well within this.
 _AT_ONCE_S = 5.0
+
+
+class _Progress:
+    """One line of progress: rewritten in place on a terminal, printed now and then into a log."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.live = stream.isatty()
+        self._last = 0.0
+        self._shown = False
+
+    def show(self, text: str) -> None:
+        if self.live:
+            self.stream.write("\r" + text + "\033[K")
+            self.stream.flush()
+            self._shown = True
+        elif time.monotonic() - self._last >= _PROGRESS_EVERY_S:
+            self._last = time.monotonic()
+            print(text, file=self.stream, flush=True)
+
+    def done(self) -> None:
+        if self.live and self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._shown = False
 
 
 def sd_notify(state: str) -> None:
@@ -41,6 +68,11 @@ def sd_notify(state: str) -> None:
             s.sendto(state.encode(), addr)
     except OSError as e:
         log.warning("sd_notify failed: %s", e)
+
+
+def has_gpu() -> bool:
+    """Whether an NVIDIA GPU is there, without importing torch (seconds): its driver's device files."""
+    return os.path.exists("/dev/nvidiactl")
 
 
 def gpu_count() -> int:
@@ -81,24 +113,42 @@ class Launcher:
         return rc
 
     def _wait_ready(self) -> bool:
+        """Until every worker has registered (False if one exits first, or at the ready timeout), saying what
+        it waits for: a live line on a terminal, a plain line every _PROGRESS_EVERY_S in a log."""
         want = len(self.workers)
-        deadline = time.monotonic() + self.ready_timeout_s
+        t0 = time.monotonic()
+        progress = _Progress(sys.stderr)
         with Client(self.front, timeout=2.0, keys=self.keys) as c:
             while not self.stops.level:
-                if self._dead():
-                    return False
+                ready = 0
                 try:
-                    st = c.status(timeout=1.0)
-                    if len(st["workers"]) >= want:
-                        print(f"rolloutd: ready: {want} worker(s) behind {self.front}", flush=True)
-                        sd_notify("READY=1")
-                        return True
+                    ready = len(c.status(timeout=1.0)["workers"])
                 except RolloutdError:
                     pass
-                if time.monotonic() > deadline:
-                    log.error("only some workers registered within %.0f s; stopping", self.ready_timeout_s)
+                if ready >= want:
+                    progress.done()
+                    print(f"rolloutd: ready: {want} worker(s) behind {self.front}", flush=True)
+                    sd_notify("READY=1")
+                    return True
+                gone = [w for w in self.workers if w.poll() is not None]
+                if self.broker.poll() is not None or gone:
+                    progress.done()
+                    what = (f"the broker exited (code {self.broker.returncode})" if self.broker.poll() is not None
+                            else f"worker pid {gone[0].pid} exited (code {gone[0].returncode})")
+                    print(f"rolloutd up: {what} before every worker was ready; stopping (its reason is above)",
+                          file=sys.stderr, flush=True)
+                    return False
+                waited = time.monotonic() - t0
+                progress.show(f"rolloutd: {want} worker(s): {ready} ready, {want - ready} loading the model, "
+                              f"{waited:.0f} s")
+                sd_notify(f"STATUS={ready} of {want} workers ready")
+                if waited > self.ready_timeout_s:
+                    progress.done()
+                    log.error("only %d of %d workers registered within %.0f s; stopping", ready, want,
+                              self.ready_timeout_s)
                     return False
                 time.sleep(_POLL_S)
+        progress.done()
         return False
 
     def _dead(self) -> bool:

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import time
 
 import zmq
@@ -212,7 +213,8 @@ class Worker:
         if self.jobs:
             log.info("stopping: aborting %d request(s) still running", len(self.jobs))
             await self._abort(list(self.jobs))
-            await asyncio.wait([j.task for j in self.jobs.values()], timeout=5.0)
+            if self.jobs:  # vLLM's abort can yield, and every request end meanwhile
+                await asyncio.wait([j.task for j in self.jobs.values()], timeout=5.0)
             if self.jobs:
                 log.warning("stopping: %d aborted request(s) not ended after 5 s", len(self.jobs))
 
@@ -489,13 +491,17 @@ class Worker:
 
 def run_worker(opts: eng.EngineOptions, broker: str, *, worker_id: str | None = None, capacity: int | None = None,
                weight_version: int = 0, heartbeat_s: float = config.HEARTBEAT_S, liveness: int = config.LIVENESS,
-               drain_s: float = config.DRAIN_S, keys: str | None = None) -> int:
-    """Build the engine, serve until SIGTERM/SIGINT, shut the engine down. Returns the exit code."""
+               drain_s: float = config.DRAIN_S, keys: str | None = None, engine_log: str | None = None) -> int:
+    """Build the engine, serve until SIGTERM/SIGINT, shut the engine down. Returns the exit code. vLLM's
+    engine processes write to engine_log (default: a file in the temporary folder, named in the log);
+    an engine that cannot start raises engine.EngineStartError."""
 
     ctx = zmq.Context()  # its own, so that ending it waits for the last results to leave (see _session)
+    engine_log = engine_log or os.path.join(tempfile.gettempdir(), f"rolloutd-engine-{os.getpid()}.log")
+    log.info("starting the vLLM engine; its processes log to %s", engine_log)
 
     async def main() -> int:
-        engine = eng.build_engine(dataclasses.replace(opts, drain_s=drain_s))
+        engine = eng.start_engine(dataclasses.replace(opts, drain_s=drain_s), engine_log)
         shielded_core = await eng.shield_signals(engine, True)  # this worker owns the stop (stopping.py)
         # vLLM and torch leave millions of long-lived objects; a full collection walking them would stall the
         # loop at a random moment (say, amid an abort of 512 requests). Freeze them out of the collector.

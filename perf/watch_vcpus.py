@@ -4,8 +4,8 @@
 
 A process pinned to a CPU that oversleeps by seconds means the whole CPU did not run: on the project's
 2-core VM the host takes a virtual CPU away under load, and every process on it stalls at once (what the
-broker's "loop stalled" warnings and the tests' FreezeWatch see). Not a rolloutd tool: a diagnostic for
-telling those stalls from rolloutd's own.
+broker's "loop stalled" warnings see; the tests' HostFreezeWatch, tests/host_freeze.py, watches the same
+way). Not a rolloutd tool: a diagnostic for telling those stalls from rolloutd's own.
 """
 from __future__ import annotations
 

@@ -1,17 +1,17 @@
 """Shared helpers: a real daemon (`rolloutd up` with real vLLM workers on the tiny model) as a fixture."""
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from rolloutd.client import Client
 from rolloutd.models import prepare
+
+from .host_freeze import HostFreezeWatch
 
 HEARTBEAT_S = 0.5
 # Missed heartbeats before a worker is declared lost: 12 s here, against the product's 5 s. On
@@ -76,12 +76,6 @@ class Daemon:
             f.seek(since)
             return f.read()
 
-    def stalls(self, since: int, who: str = "broker|worker") -> list[float]:
-        """Seconds of each loop stall that `who` (a regex: broker, worker) logged after log_mark() `since`:
-        a process of the daemon not running (the host took its virtual CPU away). The broker extends
-        worker liveness by its own, so a worker's expiry comes that much later."""
-        return [float(m) for m in re.findall(rf"(?:{who}) loop stalled ([0-9.]+) s", self.log_since(since))]
-
     def worker_expiries(self, since: int) -> list[str]:
         """The broker's log lines, after log_mark() `since`, of workers it expired for silence: a healthy
         worker frozen by the host for longer than the liveness is one, and comes back with READY."""
@@ -119,53 +113,28 @@ def daemon1(tmp_path_factory):
     d.stop()
 
 
-class FreezeWatch:
-    """Measures how long this process was frozen (its virtual CPU taken away by the host: seen here for up
-    to 14 s while a vLLM CPU engine decodes on a 2-core VM) during a timed block, so timing assertions can
-    tell a slow rolloutd from a frozen machine. `frozen_s` is the longest oversleep of a 10 ms sleep,
-    `total_s` the sum of the oversleeps over 50 ms (several freezes in one block)."""
-
-    def __enter__(self):
-        self.frozen_s, self.total_s, self._stop = 0.0, 0.0, threading.Event()
-
-        def watch():
-            while not self._stop.is_set():
-                t = time.perf_counter()
-                time.sleep(0.01)
-                late = time.perf_counter() - t - 0.01
-                self.frozen_s = max(self.frozen_s, late)
-                if late > 0.05:
-                    self.total_s += late
-
-        self._t = threading.Thread(target=watch, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-
 def race_attempts(attempt, daemon: "Daemon | None" = None, tries: int = 3, freeze_s: float = 0.5):
     """Run attempt() until it returns None (it won its race). What it returns otherwise says how it lost:
     a test that acts while requests run (abort one, pause) loses when the requests end first, and that
     happens when the host freezes the process that acts or carries the message while vLLM's engine
-    process runs on (CI: an abort delayed past 30000 tokens). A lost attempt is retried only if a freeze
-    of freeze_s or more was seen: this process's (FreezeWatch) or, given the daemon, the loop stalls its
-    broker and workers logged. With none seen, the loss is a failure. Every attempt lost to a freeze: skip."""
+    process runs on (CI: an abort delayed past 30000 tokens). A lost attempt is retried only if the host
+    was seen freezing this machine's CPUs for freeze_s or more meanwhile (HostFreezeWatch: evidence from
+    outside rolloutd, whose own processes would report a loop that blocks itself as a stall just the same).
+    With none seen, the loss is a failure, with the daemon's log meanwhile. Every attempt lost to a freeze:
+    skip."""
     lost = []
     for _ in range(tries):
         mark = daemon.log_mark() if daemon else 0
-        with FreezeWatch() as fw:
+        with HostFreezeWatch() as host:
             why = attempt()
         if why is None:
             return
-        frozen = max([fw.total_s, sum(daemon.stalls(mark)) if daemon else 0.0])
-        if frozen < freeze_s:
+        if host.evidence_s < freeze_s:
             log = f"\ndaemon log meanwhile:\n{daemon.log_since(mark)[-4000:]}" if daemon else ""
-            raise AssertionError(f"{why}, with no machine freeze seen{log}")
-        lost.append((why, round(frozen, 2)))
-    pytest.skip(f"the machine froze during every attempt (how it lost, frozen s) = {lost}: not measurable")
+            raise AssertionError(f"{why}, with no host freeze of {freeze_s} s seen ({host}){log}")
+        lost.append((why, round(host.evidence_s, 2)))
+    pytest.skip(f"the host froze this machine during every attempt (how it lost, frozen s) = {lost}: "
+                "not measurable")
 
 
 def timed_attempts(attempt, bound_s: float, tries: int = 3, daemon: "Daemon | None" = None):

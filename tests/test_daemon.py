@@ -14,9 +14,10 @@ import zmq
 
 from rolloutd import AsyncClient, BadRequest, Client, WorkerLost
 from rolloutd import protocol as p
+from rolloutd.results import Result
 
-from .conftest import (HEARTBEAT_S, LIVENESS, LONG, MODEL_LEN, STATUS_S, FreezeWatch, group_alive, inprocess_greedy,
-                       wait_until)
+from .conftest import (HEARTBEAT_S, LIVENESS, LONG, MODEL_LEN, STATUS_S, HostFreezeWatch, group_alive,
+                       inprocess_greedy, wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -122,36 +123,38 @@ def test_sigkill_one_worker_fails_its_requests_fast_and_the_other_keeps_serving(
     with Client(daemon.front, timeout=120) as c, Client(daemon.front, timeout=30) as ctl:
         rids = [f"kill-{i}" for i in range(8)]
         # LONG tokens: every request is still running when the kill lands, however fast the machine
-        for m in c._generate_msgs(prompts(8), rids, False, {"max_tokens": LONG, "ignore_eos": True}):
-            c._send(m)
+        for m in c._generate_msgs(prompts(8), rids, False, {"max_tokens": LONG, "ignore_eos": True}, 600.0):
+            c._send(m, time.monotonic() + 30)
         assert wait_until(lambda: all(w["inflight"] for w in ctl.status(timeout=STATUS_S)["workers"]), 30)
         held = ctl.status(timeout=STATUS_S)["workers"][0]
-        victim, mark = held["pid"], daemon.log_mark()
-        with FreezeWatch() as fw:
+        victim = held["pid"]
+        with HostFreezeWatch() as host:
             os.kill(victim, signal.SIGKILL)
             t0 = time.monotonic()
             lost = {}
             while len(lost) < held["inflight"]:
-                m = c._recv(time.monotonic() + 60)
-                assert m is not None, "a request hung after its worker died"
-                assert m.CMD is p.Cmd.ERROR, m  # nothing here finishes on its own
-                lost[m.rid] = (m.code, time.monotonic() - t0)
+                got = c._recv(time.monotonic() + 60)
+                assert got is not None, "a request hung after its worker died"
+                for m in got:
+                    assert getattr(m, "CMD", None) is p.Cmd.ERROR, m  # nothing here finishes on its own
+                    lost[m.rid] = (m.code, time.monotonic() - t0)
         assert all(code == WorkerLost.code for code, _ in lost.values())
-        # LIVENESS missed heartbeats and a tick; freezes meanwhile are not counted against the worker (the
-        # broker extends liveness by its own stalls, which it logs), so they are added here as measured
-        stalls = sum(daemon.stalls(mark, who="broker"))
-        bound = HEARTBEAT_S * (LIVENESS + 1) + 1.0 + stalls + fw.total_s
-        assert max(t for _, t in lost.values()) < bound, (lost, stalls, fw.total_s)
+        # LIVENESS missed heartbeats and a tick. The broker does not count its own stalls against the worker
+        # (it extends liveness by each), so the expiry comes later by as much as the host froze the machine
+        # meanwhile: that, as seen from outside the daemon, widens the bound; a stall of the broker's own
+        # making does not.
+        bound = HEARTBEAT_S * (LIVENESS + 1) + 1.0 + host.evidence_s
+        assert max(t for _, t in lost.values()) < bound, (lost, str(host), daemon.tail())
         assert wait_until(lambda: len(ctl.status(timeout=STATUS_S)["workers"]) == 1, 5)
         # the survivor still holds the other requests: they end with their partial output on abort
         assert ctl.abort_all()["ok"]
         done = {}
         while len(lost) + len(done) < 8:
-            m = c._recv(time.monotonic() + 30)
-            assert m is not None, "a request of the surviving worker hung"
-            done.update((r.rid, r) for r in (m.split() if m.CMD is p.Cmd.RESULTS else (m,)))
+            got = c._recv(time.monotonic() + 30)
+            assert got is not None, "a request of the surviving worker hung"
+            done.update((getattr(r, "request_id", None) or r.rid, r) for r in got)
         assert set(done) | set(lost) == set(rids)
-        assert all(r.CMD is p.Cmd.RESULT and r.samples[0]["finish_reason"] == "abort" for r in done.values())
+        assert all(isinstance(r, Result) and r.samples[0].finish_reason == "abort" for r in done.values())
         assert len(c.generate(prompts(4), max_tokens=8)) == 4
     # the dead worker's engine processes went with it
     assert wait_until(lambda: not group_alive(victim), 10)

@@ -1,0 +1,110 @@
+"""Evidence, from outside rolloutd, that the host took this machine's virtual CPUs away during a block.
+
+On the 2-core CI VMs the host stops a whole virtual CPU for tenths of a second to many seconds at a time
+under vLLM load (perf/results/README.md), and every process on it stalls at once. A test
+that loses a timing race may retry when this happened; it must not believe rolloutd's own processes about
+it, since a rolloutd loop that blocks itself would say "stalled" just the same. So the witnesses are:
+  - a sleeper process pinned to each CPU, sleeping 10 ms at a time and recording how late it wakes
+    (perf/watch_vcpus.py does the same by hand). It runs at real-time priority where allowed, so that
+    nothing in the guest, however busy, keeps it waiting: a late wake-up means its CPU was not running.
+  - the kernel's steal time (/proc/stat), the time the hypervisor ran something else on our CPUs.
+A host freeze shows in both: its CPU's sleeper wakes late by about as much as that CPU's steal time grows.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+
+TICK_S = 0.01
+# Shorter oversleeps are scheduling noise (and the host's routine small preemptions, which add up to
+# seconds of steal over a long test without delaying anything much): only stalls this long count.
+STALL_S = 0.05
+_READY_TIMEOUT_S = 60.0
+
+
+def steal_s() -> float:
+    """Steal time of all CPUs together since boot, in seconds (the 8th number of /proc/stat's "cpu" line)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu "):
+                return int(line.split()[8]) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def _sleeper(cpu: int, ready, stop, out, slot: int) -> None:
+    """Pinned to `cpu`: until `stop`, sleep TICK_S at a time; out[slot] = the longest oversleep,
+    out[slot + 1] = the sum of those of STALL_S or more."""
+    os.sched_setaffinity(0, {cpu})
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except OSError:
+        pass  # unprivileged: normal priority, where the guest's own load adds milliseconds, not STALL_S
+    worst = total = 0.0
+    ready.set()
+    while not stop.is_set():
+        t = time.monotonic()
+        time.sleep(TICK_S)
+        late = time.monotonic() - t - TICK_S
+        worst = max(worst, late)
+        if late >= STALL_S:
+            total += late
+        out[slot], out[slot + 1] = worst, total
+
+
+class HostFreezeWatch:
+    """A context manager over a block: after it,
+      frozen_s   the longest oversleep any pinned sleeper saw (s),
+      stalled_s  the sum of the sleepers' oversleeps of STALL_S or more, all CPUs together (s),
+      steal_s    the steal time the kernel counted over the block, all CPUs together (s),
+      evidence_s how long the host kept CPUs of this machine from running, by both witnesses (s),
+      steal_counted whether this machine's hypervisor reports steal time at all.
+    """
+
+    def __enter__(self) -> "HostFreezeWatch":
+        self.frozen_s = self.stalled_s = self.steal_s = 0.0
+        # Not fork: the test process has threads (zmq, torch), and a child forked from it may inherit a lock
+        # one of them held. Not spawn either, which takes long to start a Python: the block often begins at
+        # a moment the test has just arranged (requests in flight). forkserver forks from a small server.
+        ctx = mp.get_context("forkserver")
+        cpus = sorted(os.sched_getaffinity(0))
+        self._out = ctx.RawArray("d", 2 * len(cpus))
+        self._stop = ctx.Event()
+        ready = [ctx.Event() for _ in cpus]
+        self._procs = [ctx.Process(target=_sleeper, args=(cpu, r, self._stop, self._out, 2 * i), daemon=True)
+                       for i, (cpu, r) in enumerate(zip(cpus, ready))]
+        for proc in self._procs:
+            proc.start()
+        for r in ready:  # the block is watched from its first moment
+            if not r.wait(_READY_TIMEOUT_S):
+                self._end()
+                raise RuntimeError(f"the CPU sleepers did not start within {_READY_TIMEOUT_S:.0f} s")
+        self._steal0 = steal_s()
+        self.steal_counted = self._steal0 > 0  # a hypervisor that reports none has 0 since boot
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._end()  # first: a sleeper whose CPU is away as the block ends reports that stall once back
+        self.steal_s = steal_s() - self._steal0
+        out = list(self._out)
+        self.frozen_s = max(out[0::2], default=0.0)
+        self.stalled_s = sum(out[1::2])
+
+    def _end(self) -> None:
+        self._stop.set()
+        for proc in self._procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+    @property
+    def evidence_s(self) -> float:
+        """The sleepers' stalls, as far as the kernel's steal time accounts for them: a sleeper late for a
+        reason inside the guest is not the host's doing. Where the hypervisor reports no steal at all, the
+        sleepers' word alone."""
+        return min(self.stalled_s, self.steal_s) if self.steal_counted else self.stalled_s
+
+    def __str__(self) -> str:
+        return (f"host freeze evidence {self.evidence_s:.2f} s (sleepers: longest {self.frozen_s:.2f} s, "
+                f"stalls {self.stalled_s:.2f} s; steal {self.steal_s:.2f} s)")

@@ -12,12 +12,12 @@ import zmq
 import zmq.asyncio
 
 from rolloutd import protocol as p
-from rolloutd.errors import Paused, ShuttingDown, Unsupported
+from rolloutd.errors import BadRequest, EngineError, Paused, ShuttingDown, Unsupported
 from rolloutd.results import deltas_from_message, from_batch, from_message
 from rolloutd.stopping import SAME_STOP_S
 from rolloutd.worker import Worker
 
-from .fake_engine import EngineWithoutPause, FakeEngine, logprob, text
+from .fake_engine import EngineWithoutPause, FakeEngine, Output, logprob, text
 
 HEARTBEAT_S = 0.05
 _addresses = itertools.count()
@@ -389,4 +389,35 @@ def test_a_drain_whose_abort_lets_every_request_end_meanwhile_still_says_goodbye
             got = b.results()
             assert_as_generated(got["long"], engine, "abort", 1)
             assert_as_generated(got["s"], engine, "abort", 1)
+    run(main())
+
+
+# ------------------------------------------------------------------------------------ whose fault an error is
+
+class RefusingEngine(FakeEngine):
+    """vLLM refusing a request's input in add_request (a prompt too long, say); or, for rid "broken", an
+    output the worker cannot read: a fault on the serving side, after the request was taken."""
+
+    async def add_request(self, request_id: str, prompt, params):
+        if request_id == "too-long":
+            raise ValueError("the prompt (5000 tokens) is longer than the model's 4096")
+        q = await super().add_request(request_id, prompt, params)
+        if request_id == "broken":
+            q.put(Output(request_id, None, True))  # no completions list: reading it raises TypeError
+        return q
+
+
+def test_only_what_vllm_refuses_at_add_request_is_a_bad_request_the_rest_is_an_engine_error():
+    async def main():
+        async with serving(RefusingEngine()) as (w, b, engine, _):
+            await b.send(gen("too-long", 4))
+            await b.send(gen("broken", 4))
+            await b.until(lambda: len([e for e in b.events if e[0] == "error"]) == 2)
+            errors = {m.rid: m for kind, m in b.events if kind == "error"}
+            assert errors["too-long"].code == BadRequest.code and "longer than" in errors["too-long"].message
+            # a TypeError inside the worker is not the caller's fault: it was BadRequest before
+            assert errors["broken"].code == EngineError.code and "TypeError" in errors["broken"].message
+            await started(b, engine, gen("fine", 2))  # and the worker serves on
+            engine.step(2)
+            assert_as_generated((await b.results_for("fine"))["fine"], engine, "length", 2)
     run(main())

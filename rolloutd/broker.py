@@ -95,7 +95,8 @@ class Control:
     cid: str  # the client's
     waiting: set  # worker idents that still owe a reply
     deadline: float
-    data: dict = field(default_factory=dict)  # worker name -> its reply data
+    data: dict = field(default_factory=dict)  # the broker's own part of the answer
+    workers: dict = field(default_factory=dict)  # worker name -> its part (see protocol.Reply)
     ok: bool = True
     passthrough: bool = False  # forward the single worker's reply as it is (ping)
     bcid: str = ""  # the broker's id for it, which the workers see
@@ -300,7 +301,9 @@ class Broker:
                 self.back.send_multipart([w.ident, *beat])
         for c in [c for c in self.controls.values() if now > c.deadline]:
             for ident in c.waiting:
-                c.data[self._worker_name(ident)] = {"ok": False, "error": RequestTimeout.code}
+                c.workers[self._worker_name(ident)] = {
+                    "ok": False, "error": RequestTimeout.code,
+                    "message": f"no answer within {self.control_timeout_s:g} s"}
             c.ok, c.waiting = False, set()
             self._finish_control(c)
         self._expire_requests(now)
@@ -401,7 +404,7 @@ class Broker:
                 by_worker.setdefault(req.worker, []).append(rid)
         self._abort_pending(pending)
         c = self._open_control(client, msg.cid, set(by_worker))
-        c.data["broker"] = {"unknown": unknown, "aborted_pending": len(pending)}
+        c.data.update(unknown=unknown, aborted_pending=len(pending))
         for ident, rids in by_worker.items():
             self._to_worker(ident, p.Abort(cid=c.bcid, rids=rids))
         self._maybe_finish(c)
@@ -611,10 +614,10 @@ class Broker:
             return
         if msg.CMD is p.Cmd.ERROR:
             c.ok = False
-            c.data[w.name] = {"ok": False, "error": msg.code, "message": msg.message}
+            c.workers[w.name] = {"ok": False, "error": msg.code, "message": msg.message}
         else:
             c.ok = c.ok and msg.ok
-            c.data[w.name] = {"ok": msg.ok, **msg.data}
+            c.workers[w.name] = {"ok": msg.ok, "data": msg.data}
             version = msg.data.get("weight_version")
             if type(version) is int and version >= 0:
                 w.ready.weight_version = version
@@ -629,7 +632,7 @@ class Broker:
         if c.passthrough:
             self._to_client(c.client, p.Error(code=RequestTimeout.code, cid=c.cid, message="the worker did not answer"))
         else:
-            self._to_client(c.client, p.Reply(cid=c.cid, ok=c.ok, data=c.data))
+            self._to_client(c.client, p.Reply(cid=c.cid, ok=c.ok, data=c.data, workers=c.workers))
 
     def _drop_worker(self, w: WorkerEntry, why: str) -> None:
         if self.workers.get(w.ident) is not w:
@@ -642,7 +645,7 @@ class Broker:
             if w.ident in c.waiting:
                 c.waiting.discard(w.ident)
                 c.ok = False
-                c.data[w.name] = {"ok": False, "error": WorkerLost.code, "message": why}
+                c.workers[w.name] = {"ok": False, "error": WorkerLost.code, "message": why}
                 if c.passthrough:
                     del self.controls[c.bcid]
                     self._to_client(c.client, p.Error(code=WorkerLost.code, cid=c.cid, message=why))

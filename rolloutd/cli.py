@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -275,8 +276,8 @@ def cmd_abort(a) -> int:
         raise SystemExit("name request ids, or --all")
     with Client(a.address, keys=a.keys) as c:
         reply = c.abort_all(timeout=a.timeout) if a.all else c.abort(a.ids, timeout=a.timeout)
-    print(json.dumps(reply, indent=2))
-    return 0 if reply.get("ok") else 1
+    print(json.dumps(dataclasses.asdict(reply), indent=2))
+    return 0 if reply.ok else 1
 
 
 def cmd_state(a) -> int:
@@ -292,8 +293,8 @@ def cmd_state(a) -> int:
             reply = c.sleep(a.level, timeout=a.timeout)
         else:
             reply = c.wake_up(a.tags, timeout=a.timeout)
-    print(json.dumps(reply, indent=2))
-    return 0 if reply.get("ok") else 1
+    print(json.dumps(dataclasses.asdict(reply), indent=2))
+    return 0 if reply.ok else 1
 
 
 def cmd_models(a) -> int:

@@ -35,7 +35,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import auth, config, sockets
 from . import protocol as p
 from .errors import BadRequest, BrokerUnreachable, ProtocolError, RequestTimeout, RolloutdError, from_code
-from .results import Delta, Result, deltas_from_message, from_batch, from_message
+from .results import Delta, Reply, Result, deltas_from_message, from_batch, from_message, reply_from_message
 
 DEFAULT_TIMEOUT_S = 600.0
 CONNECT_TIMEOUT_S = 5.0
@@ -156,10 +156,10 @@ def _error(msg: p.Error) -> RolloutdError:
     return from_code(msg.code, msg.message, request_id=msg.rid)
 
 
-def _reply(msg) -> dict:
+def _reply(msg) -> Reply:
     if msg.CMD is p.Cmd.ERROR:
         raise _error(msg)
-    return {"ok": msg.ok, **msg.data}
+    return reply_from_message(msg)
 
 
 def _finish(rids: list[str], results: dict, errors: dict) -> list[Result]:
@@ -284,7 +284,7 @@ class Client(_Base):
 
     # ----------------------------------------------------------------------------------------- control
 
-    def _call(self, msg, timeout: float | None = None) -> dict:
+    def _call(self, msg, timeout: float | None = None) -> Reply:
         deadline = self._start(timeout)
         self._send(msg, deadline)
         while True:
@@ -295,43 +295,43 @@ class Client(_Base):
                 if not isinstance(m, Result) and getattr(m, "cid", None) == msg.cid:
                     return _reply(m)
 
-    def abort(self, request_ids: Sequence[str], timeout: float | None = None) -> dict:
-        """Abort these requests (their callers get partial outputs, finish_reason "abort"). The reply names
-        ids that were unknown or already finished under data["broker"]["unknown"]."""
+    def abort(self, request_ids: Sequence[str], timeout: float | None = None) -> Reply:
+        """Abort these requests (their callers get partial outputs, finish_reason "abort"). The Reply names ids
+        that were unknown or already finished in data["unknown"]; each worker's count in workers[name].data."""
         return self._call(p.Abort(cid=self.new_id(), rids=list(request_ids)), timeout)
 
-    def abort_all(self, timeout: float | None = None) -> dict:
-        """Abort everything in flight on every worker; per-worker counts in the reply."""
+    def abort_all(self, timeout: float | None = None) -> Reply:
+        """Abort everything in flight on every worker; each worker's count in workers[name].data["aborted"]."""
         return self._call(p.AbortAll(cid=self.new_id()), timeout)
 
     def status(self, timeout: float | None = CONNECT_TIMEOUT_S) -> dict:
         """The broker's worker table: {"workers": [{id, model, devices, inflight, capacity, weight_version,
         pid, engine}], "pending": n, "requests": n}."""
         try:
-            return self._call(p.Status(cid=self.new_id()), timeout)
+            return self._call(p.Status(cid=self.new_id()), timeout).data
         except RequestTimeout:
             raise BrokerUnreachable(f"no answer from a broker at {self.address}") from None
 
     def ping(self, target: str = "worker", timeout: float | None = CONNECT_TIMEOUT_S) -> dict:
         """A round trip to the broker ("broker") or through it to a worker ("worker", or a worker id)."""
-        return self._call(p.Ping(cid=self.new_id(), target=target), timeout)
+        return self._call(p.Ping(cid=self.new_id(), target=target), timeout).data
 
-    def pause(self, mode: str = "abort", refuse: bool = False, timeout: float | None = None) -> dict:
+    def pause(self, mode: str = "abort", refuse: bool = False, timeout: float | None = None) -> Reply:
         """Pause every worker. mode "abort": abort in flight (partial outputs returned); "wait": let in
         flight finish (returns once drained); "keep": freeze in flight and continue them on resume. In
         modes abort and wait, the results of the requests it ended reach this client before the reply.
         New requests wait until resume, or with refuse=True fail with Paused."""
         return self._call(p.Pause(cid=self.new_id(), mode=mode, refuse=refuse), timeout)
 
-    def resume(self, timeout: float | None = None) -> dict:
+    def resume(self, timeout: float | None = None) -> Reply:
         return self._call(p.Resume(cid=self.new_id()), timeout)
 
-    def sleep(self, level: int = 1, timeout: float | None = None) -> dict:
+    def sleep(self, level: int = 1, timeout: float | None = None) -> Reply:
         """vLLM sleep mode on every worker (level 1 offloads weights, 2 drops them). Workers that cannot
         (CPU engines, sleep mode off) answer ok=False with error "unsupported"."""
         return self._call(p.Sleep(cid=self.new_id(), level=level), timeout)
 
-    def wake_up(self, tags: Sequence[str] = (), timeout: float | None = None) -> dict:
+    def wake_up(self, tags: Sequence[str] = (), timeout: float | None = None) -> Reply:
         """Wake every worker; tags ("weights", "kv_cache") pick what comes back first, none means all."""
         return self._call(p.Wake(cid=self.new_id(), tags=list(tags)), timeout)
 
@@ -543,7 +543,7 @@ class AsyncClient(_Base):
         finally:
             self._waiters.pop(msg.rid, None)
 
-    async def _call(self, msg, timeout: float | None = None) -> dict:
+    async def _call(self, msg, timeout: float | None = None) -> Reply:
         deadline = self._deadline(timeout)
         fut = self._waiters[msg.cid] = asyncio.get_running_loop().create_future()
         try:
@@ -555,29 +555,29 @@ class AsyncClient(_Base):
             raise RequestTimeout(f"{type(msg).__name__} got no answer in time")
         return _reply(fut.result())
 
-    async def abort(self, request_ids: Sequence[str], timeout: float | None = None) -> dict:
+    async def abort(self, request_ids: Sequence[str], timeout: float | None = None) -> Reply:
         return await self._call(p.Abort(cid=self.new_id(), rids=list(request_ids)), timeout)
 
-    async def abort_all(self, timeout: float | None = None) -> dict:
+    async def abort_all(self, timeout: float | None = None) -> Reply:
         return await self._call(p.AbortAll(cid=self.new_id()), timeout)
 
     async def status(self, timeout: float | None = CONNECT_TIMEOUT_S) -> dict:
         try:
-            return await self._call(p.Status(cid=self.new_id()), timeout)
+            return (await self._call(p.Status(cid=self.new_id()), timeout)).data
         except RequestTimeout:
             raise BrokerUnreachable(f"no answer from a broker at {self.address}") from None
 
     async def ping(self, target: str = "worker", timeout: float | None = CONNECT_TIMEOUT_S) -> dict:
-        return await self._call(p.Ping(cid=self.new_id(), target=target), timeout)
+        return (await self._call(p.Ping(cid=self.new_id(), target=target), timeout)).data
 
-    async def pause(self, mode: str = "abort", refuse: bool = False, timeout: float | None = None) -> dict:
+    async def pause(self, mode: str = "abort", refuse: bool = False, timeout: float | None = None) -> Reply:
         return await self._call(p.Pause(cid=self.new_id(), mode=mode, refuse=refuse), timeout)
 
-    async def resume(self, timeout: float | None = None) -> dict:
+    async def resume(self, timeout: float | None = None) -> Reply:
         return await self._call(p.Resume(cid=self.new_id()), timeout)
 
-    async def sleep(self, level: int = 1, timeout: float | None = None) -> dict:
+    async def sleep(self, level: int = 1, timeout: float | None = None) -> Reply:
         return await self._call(p.Sleep(cid=self.new_id(), level=level), timeout)
 
-    async def wake_up(self, tags: Sequence[str] = (), timeout: float | None = None) -> dict:
+    async def wake_up(self, tags: Sequence[str] = (), timeout: float | None = None) -> Reply:
         return await self._call(p.Wake(cid=self.new_id(), tags=list(tags)), timeout)

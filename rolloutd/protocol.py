@@ -471,12 +471,15 @@ class Ping(Message):
 
 @dataclass
 class Reply(Message):
-    """The answer to a cid-carrying command. From the broker, fanned-out commands get one aggregated
-    reply whose data maps each worker id to that worker's own reply data."""
+    """The answer to a cid-carrying command. A worker's carries its own data; the broker's carries its own
+    part in data (the status table, ids it did not know, ...) and, for commands that went to workers, one
+    entry per worker in workers: {name: {"ok": bool, "data": {...}}} or, when that worker failed or did not
+    answer, {name: {"ok": false, "error": code, "message": text}}."""
     CMD = Cmd.REPLY
     cid: str = rule(_is_id, ID)
     ok: bool = True
     data: dict = field(default_factory=dict)
+    workers: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""What a trainer gets back: Result (one prompt), Sample (one of its n completions), Delta (a stream step)."""
+"""What a trainer gets back: Result (one prompt), Sample (one of its n completions), Delta (a stream step),
+and Reply (the answer to a control call: abort, pause, sleep, ...)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -89,6 +90,39 @@ class Delta:
     index: int
     token_ids: list[int]
     text: str
+
+
+@dataclass
+class WorkerReply:
+    """One worker's part of a Reply."""
+    ok: bool
+    data: dict  # what it answered (aborted counts, pause state, ...)
+    error: str | None = None  # when not ok: its error code (rolloutd.errors), "timeout" if it did not answer
+    message: str = ""
+
+
+@dataclass
+class Reply:
+    """The answer to a control call. ok: every worker it went to succeeded. data: the broker's own part
+    (ids it did not know, requests it aborted before they reached a worker, ...). workers: each worker's."""
+    ok: bool
+    data: dict
+    workers: dict[str, WorkerReply]
+
+    @property
+    def errors(self) -> dict[str, WorkerReply]:
+        """The workers that failed or did not answer."""
+        return {name: w for name, w in self.workers.items() if not w.ok}
+
+
+def reply_from_message(msg: p.Reply) -> Reply:
+    workers = {}
+    for name, w in msg.workers.items():
+        w = w if isinstance(w, dict) else {}
+        data = w.get("data")
+        workers[str(name)] = WorkerReply(ok=w.get("ok") is True, data=data if isinstance(data, dict) else {},
+                                         error=w.get("error"), message=str(w.get("message", "")))
+    return Reply(msg.ok, msg.data, workers)
 
 
 def from_message(msg: p.Result) -> Result:

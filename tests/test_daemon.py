@@ -113,7 +113,7 @@ def test_garbage_to_the_live_broker_gets_an_error_and_serving_goes_on(daemon):
     for frames in ([b"junk"], [b"RLD9\x0a", b"x"], [p.TAG + bytes([p.Cmd.GENERATE]), b"\x92\x01\x02"]):
         s.send_multipart(frames)
         assert s.poll(5000)
-        assert p.decode(s.recv_multipart()).CMD is p.Cmd.ERROR
+        assert p.decode(s.recv_multipart(), p.ANY).CMD is p.Cmd.ERROR
     s.close()
     with Client(daemon.front, timeout=60) as c:
         assert len(c.generate(prompts(2), max_tokens=4)) == 2
@@ -146,7 +146,7 @@ def test_sigkill_one_worker_fails_its_requests_fast_and_the_other_keeps_serving(
         assert "connection dropped" in daemon.tail(200), daemon.tail()
         assert wait_until(lambda: len(ctl.status(timeout=STATUS_S)["workers"]) == 1, 5)
         # the survivor still holds the other requests: they end with their partial output on abort
-        assert ctl.abort_all()["ok"]
+        assert ctl.abort_all().ok
         done = {}
         while len(lost) + len(done) < 8:
             got = c._recv(time.monotonic() + 30)

@@ -1,7 +1,8 @@
 """Issue 7: whatever arrives on its sockets, the broker process stays up, answers a proper client within 2 s
-and keeps its memory bounded. The harness is perf/fuzz_broker.py (its long run and figures:
-`python perf/fuzz_broker.py --messages 100000`, `--flood`); these are its CI-sized runs. Each test starts
-`rolloutd broker` as a subprocess on ports it picks; none starts an engine.
+and keeps its memory bounded. The harness is perf/fuzz_broker.py (messages from perf/fuzz_messages.py) and
+perf/flood_broker.py; their long runs and figures are `python perf/fuzz_broker.py --messages 100000` and
+`python perf/flood_broker.py`, and these are their CI-sized runs. Each test starts `rolloutd broker` as a
+subprocess on ports it picks (rolloutd.testing.BrokerProcess); none starts an engine.
 
 A failing fuzz test names the input: the messages since the last good check are replayed against fresh
 brokers and cut down to the few that fail it (the "isolated" entry of the report). The seed is fixed
@@ -15,8 +16,11 @@ import pytest
 
 from rolloutd import protocol as p
 
+# perf/ on the path: the harness's modules import each other (and perf/common.py) by their names
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf"))
+import flood_broker as fl  # noqa: E402
 import fuzz_broker as fz  # noqa: E402
+import fuzz_messages as fm  # noqa: E402
 
 SEED = int(os.environ.get("ROLLOUTD_FUZZ_SEED", "7"))
 MESSAGES = 20_000
@@ -29,20 +33,20 @@ def report(r: dict, *keys) -> str:
 def test_the_fuzzers_valid_messages_decode_and_every_kind_is_sent():
     """Mutations start from valid messages, and valid ones keep the broker's tables busy: if these did not
     decode, the fuzz would only ever test the decoder's first check."""
-    f = fz.Fuzzer(SEED)
+    f = fm.Fuzzer(SEED)
     f.assigned.append((b"fz-w0", "r1", 2))
     f.controls.append((b"fz-w0", "c1"))
     for _ in range(20):
-        for cmd in fz.CLIENT_CMDS:
+        for cmd in fm.CLIENT_CMDS:
             p.decode(p.encode(f.valid(cmd, "front", b"fz-c0")), p.CLIENT_TO_BROKER)
-        for cmd in fz.WORKER_CMDS:
+        for cmd in fm.WORKER_CMDS:
             p.decode(p.encode(f.valid(cmd, "back", b"fz-w0")), p.WORKER_TO_BROKER)
     cases = [f.next() for _ in range(5000)]
     for side in ("front", "back"):
         sent = {c.kind for c in cases if c.side == side}
-        assert sent >= {k for k, w in fz.KINDS.items() if w >= 1}, side
+        assert sent >= {k for k, w in fm.KINDS.items() if w >= 1}, side
     # registered identities and strangers both speak on the back
-    assert {c.ident for c in cases if c.side == "back"} == set(fz.WORKERS + fz.STRANGERS)
+    assert {c.ident for c in cases if c.side == "back"} == set(fm.WORKERS + fm.STRANGERS)
 
 
 def test_the_harness_sees_a_dead_broker(tmp_path):
@@ -76,11 +80,11 @@ def test_flood_of_generates_with_no_worker_is_answered_within_budgets(tmp_path):
     """70,000 generates from 10,000 connections, 300 of them 1M-token (4 MiB) prompts, and no worker:
     each is refused as busy or held, what is held stays within the broker's budgets and its memory with it,
     and a proper client is still answered in time."""
-    plan = fz.FloodPlan()
-    soft, hard = fz.raise_nofile()
+    plan = fl.FloodPlan()
+    soft, hard = fl.raise_nofile()
     if hard < plan.clients + 1024:
         pytest.skip(f"the open-file hard limit ({hard}) is too low for a broker with {plan.clients} connections")
-    r = fz.run_flood(plan, str(tmp_path))
+    r = fl.run_flood(plan, str(tmp_path))
     what = report(r, *[k for k in r if not k.endswith("timeline")])
     assert r["broker_alive"] and r["broker_exit_code"] == 0, what
     assert r["sent"] == plan.requests and r["unsent"] == 0 and r["children_reports"] == r["children"], what
@@ -96,7 +100,7 @@ def test_flood_of_generates_with_no_worker_is_answered_within_budgets(tmp_path):
     assert r["max_client_held_bytes"] <= plan.max_client_bytes, what
     # Once everything is answered or held, the broker's memory is what it holds: the refused prompts are gone.
     assert r["rss_mib"]["settled"] <= r["rss_mib"]["settled_bound"], what
-    # At the peak, prompts not yet read may sit in libzmq's queues too (perf/fuzz_broker.in_transit).
+    # At the peak, prompts not yet read may sit in libzmq's queues too (perf/flood_broker.in_transit).
     assert r["rss_mib"]["peak"] <= r["rss_mib"]["bound"], what
     for when in ("after_flood", "after_abort"):
         assert r[when]["ping"]["ok"] and r[when]["status"]["ok"], what

@@ -55,7 +55,8 @@ def test_abort_all_returns_every_long_generation_within_a_second_with_partial_ou
             # All LONG tokens in the 0.5 s before the abort: only if this process or the broker was frozen
             # for seconds meanwhile (the engine runs on). timed_attempts retries if it saw that, else fails.
             return float("inf")
-        assert reply["ok"] and reply[next(k for k in reply if k != "ok")]["aborted"] == 9, reply
+        (worker,) = reply.workers.values()
+        assert reply.ok and worker.data["aborted"] == 9, reply
         for r in results:
             assert r.finish_reason == "abort" and 0 < len(r.token_ids) < LONG
         # the 8 batch results left straight from vLLM's abort, not each from its own task (Worker._send_aborted;
@@ -91,7 +92,7 @@ def test_abort_one_of_eight_leaves_the_others_running(daemon1):
 
     def attempt():
         reply, aborted, rest = asyncio.run(main())
-        assert reply["broker"]["unknown"] == ["no-such-request"]
+        assert reply.data["unknown"] == ["no-such-request"]
         assert all(r.finish_reason == "length" and len(r.token_ids) == 1000 for r in rest)
         if aborted.finish_reason == "length":
             return "the victim ran all its tokens before the abort reached vLLM"
@@ -112,7 +113,7 @@ def test_pause_abort_returns_partials_and_new_requests_wait_for_resume(daemon1):
             await c.resume(timeout=30)
             return reply, aborted, waited, await asyncio.wait_for(later, 30)
     reply, aborted, waited, later = asyncio.run(main())
-    assert reply["ok"], reply
+    assert reply.ok, reply
     got = [(r.finish_reason, len(r.token_ids)) for r in aborted]
     assert all(reason == "abort" and 0 < n < LONG for reason, n in got), got
     assert waited, "a request sent while paused ran before resume"
@@ -130,9 +131,9 @@ def test_pause_wait_lets_in_flight_finish(daemon1):
 
     def attempt():
         reply, results = asyncio.run(main())
-        assert reply["ok"], reply
+        assert reply.ok, reply
         assert all(r.finish_reason == "length" and len(r.token_ids) == 3000 for r in results)
-        (worker,) = [v for k, v in reply.items() if isinstance(v, dict)]
+        (worker,) = [w.data for w in reply.workers.values()]
         # the reply comes once the 5 in flight at the pause have finished, not before
         assert worker["inflight"] == 0, worker
         if worker["inflight_at_pause"] != 5:  # 3000 tokens take seconds here: all 5 still run, unless frozen
@@ -159,7 +160,7 @@ def test_pause_keep_freezes_and_resume_continues_without_loss(daemon1):
             await asyncio.wait_for(streaming, 120)
             return reply, frozen, seen + during, await asyncio.wait_for(others, 120)
     reply, frozen_deltas, events, others = asyncio.run(main())
-    assert reply["ok"], reply
+    assert reply.ok, reply
     assert frozen_deltas == 0, f"{frozen_deltas} deltas arrived while paused"
     *deltas, final = events
     assert final.finish_reason == "length" and len(final.token_ids) == 8000
@@ -169,22 +170,22 @@ def test_pause_keep_freezes_and_resume_continues_without_loss(daemon1):
 
 def test_pause_with_refuse_fails_new_requests_fast(daemon1):
     with Client(daemon1.front, timeout=60) as c:
-        assert c.pause("abort", refuse=True)["ok"]
+        assert c.pause("abort", refuse=True).ok
         try:
             with pytest.raises(Paused):
                 c.generate(prompts(1), max_tokens=4)
         finally:
-            assert c.resume()["ok"]
+            assert c.resume().ok
         assert len(c.generate(prompts(1), max_tokens=4)[0].token_ids) >= 1
 
 
 def test_sleep_on_a_cpu_engine_says_unsupported_and_serving_goes_on(daemon1):
     with Client(daemon1.front, timeout=60) as c:
         reply = c.sleep(1)
-        assert not reply["ok"]
-        (worker,) = [v for k, v in reply.items() if isinstance(v, dict)]
-        assert worker["error"] == "unsupported"
-        assert c.wake_up()["ok"]  # waking an engine that is not asleep is a no-op
+        assert not reply.ok
+        (worker,) = reply.errors.values()
+        assert worker.error == "unsupported"
+        assert c.wake_up().ok  # waking an engine that is not asleep is a no-op
         assert len(c.generate(prompts(1), max_tokens=4)[0].token_ids) >= 1
 
 

@@ -154,10 +154,9 @@ def _flood_child(k: int, front: str, plan: list[list[int]], first_client: int, c
                     continue
                 if msg.CMD is C.ERROR:
                     got = [(msg.rid, f"error:{msg.code}")]
-                elif msg.CMD is C.RESULT:
-                    got = [(msg.rid, "result:" + ",".join(sorted({x.get("finish_reason", "?") for x in msg.samples})))]
-                elif msg.CMD is C.RESULTS:
-                    got = [(rid, "result:batch") for rid in msg.rids]
+                elif msg.CMD is C.FINISHED:
+                    got = [(rid, "result:" + ",".join(sorted({s.get("finish_reason", "?") for s in samples})))
+                           for rid, (samples, _) in zip(msg.rids, msg.items())]
                 else:
                     odd[msg.CMD.name] += 1
                     continue
@@ -322,7 +321,7 @@ def run_flood(plan: FloodPlan, log_dir: str, *, time_limit_s: float = 300.0) -> 
         # the peak as the kernel kept it (VmHWM: no gap between samples misses it); the sampler's if it died
         rss_peak = max(sampler.peak, rss_or_0(broker, peak=True) if result["broker_alive"] else 0)
         result["broker_exit_code"] = broker.stop(15)
-        result["broker_log_tail"] = broker.tail(3000) if result["broker_exit_code"] not in (0, None) else ""
+        result["broker_log_tail"] = broker.tail(max_bytes=3000) if result["broker_exit_code"] not in (0, None) else ""
     f = list(finals.values())
     summed = lambda key: sum(x.get(key, 0) for x in f)
     answers = collections.Counter()

@@ -29,8 +29,8 @@ WORKERS = [b"fz-w%d" % i for i in range(4)]  # send a valid READY first
 STRANGERS = [b"fz-u%d" % i for i in range(2)]  # never send a valid READY
 
 C = p.Cmd
-WORKER_CMDS = {C.READY: 12, C.HEARTBEAT: 12, C.DISCONNECT: 3, C.TOKENS: 10, C.RESULT: 25, C.RESULTS: 10,
-               C.REPLY: 10, C.ERROR: 8}
+WORKER_CMDS = {C.READY: 12, C.HEARTBEAT: 12, C.DISCONNECT: 3, C.TOKENS: 10, C.FINISHED: 35, C.REPLY: 10,
+               C.ERROR: 8}
 CLIENT_CMDS = {C.GENERATE: 40, C.ABORT: 12, C.ABORT_ALL: 2, C.STATUS: 8, C.PING: 12, C.PAUSE: 4, C.RESUME: 4,
                C.SLEEP: 3, C.WAKE: 3, C.LOAD_WEIGHTS: 4}
 CONTROL_CMDS = (C.ABORT, C.ABORT_ALL, C.PAUSE, C.RESUME, C.SLEEP, C.WAKE, C.LOAD_WEIGHTS, C.PING)
@@ -221,17 +221,14 @@ class Fuzzer:
             return self.r.choice(self.assigned)
         return ident, self.new_id("unknown-"), self.r.randint(1, 3)
 
-    def _result(self, rid: str, n: int, worker: str) -> p.Result:
-        samples, frames = [], []
+    def _ended(self, rid: str, n: int) -> tuple:
+        """One request's end, as protocol.Finished.pack takes it: n samples of random length."""
+        samples = []
         for i in range(n):
-            lp = self.r.random() < 0.3
             k = self.r.randint(0, 16)
-            samples.append({"index": i, "text": "x" * k, "finish_reason": self.r.choice(["stop", "length", "abort"]),
-                            "logprobs": lp})
-            frames.append(bytes(4 * k))
-            if lp:
-                frames.append(bytes(4 * k))
-        return p.Result(rid=rid, worker=worker, weight_version=0, samples=samples, prompt_tokens=3, frames=frames)
+            samples.append((i, "x" * k, self.r.choice(["stop", "length", "abort"]), bytes(4 * k),
+                            bytes(4 * k) if self.r.random() < 0.3 else None))
+        return rid, 3, samples
 
     def valid(self, cmd: C, side: str, ident: bytes) -> p.Message:
         r = self.r
@@ -258,14 +255,9 @@ class Fuzzer:
             _, rid, n = self._assigned(ident)
             k = r.randint(1, n)
             return p.Tokens(rid=rid, deltas=[[i, "t"] for i in range(k)], frames=[bytes(4 * r.randint(1, 4))] * k)
-        if cmd is C.RESULT:
-            _, rid, n = self._assigned(ident)
-            return self._result(rid, n, name)
-        if cmd is C.RESULTS:
-            picks = {self._assigned(ident)[1:] for _ in range(r.randint(2, 5))}
-            if len(picks) < 2:
-                picks.add((self.new_id("unknown-"), 1))
-            return p.Results.join([self._result(rid, n, name) for rid, n in picks])
+        if cmd is C.FINISHED:  # one request (most often), or several, some perhaps not the sender's
+            picks = {self._assigned(ident)[1:] for _ in range(1 if r.random() < 0.7 else r.randint(2, 5))}
+            return p.Finished.pack(name, 0, [self._ended(rid, n) for rid, n in picks])
         if cmd in (C.REPLY, C.ERROR):
             mine = [cid for w, cid in self.controls if w == ident]
             cid = r.choice(mine) if mine and r.random() < 0.9 else self.new_id("cid-")
@@ -456,10 +448,10 @@ class Fuzzer:
             "transports": [[], ["bogus"]], "tags": [["bogus"], [""]],
             "prompt": ["", [], [{"role": 1}], [{}], "x" * 500_000],
         }
-        options = [k for k in h if k in table or k in ("sampling", "samples", "deltas")]
+        options = [k for k in h if k in table or k in ("sampling", "deltas")]
         if cmd is C.GENERATE and len(frames) > 2:
             options.append("ids")
-        if cmd is C.RESULTS:
+        if cmd is C.FINISHED:
             options.append("items")
         if not options:
             return self._wrong_type(cmd, frames)
@@ -476,26 +468,29 @@ class Fuzzer:
             f = r.choice(list(bad))
             s[f] = r.choice(bad[f])
             h["sampling"] = s
-        elif k == "samples":
-            s = [dict(x) for x in h["samples"]] or [{"text": "", "finish_reason": "stop", "logprobs": False}]
-            roll = r.random()
-            if roll < 0.5:
-                s[0]["index"] = r.choice([-1, len(s), 5000, p.MAX_N, 2**64 - 1])  # sample index out of range
-            elif roll < 0.7:
-                s.append(dict(s[0], index=len(s)))  # more samples than the request's n (and than frames)
-            elif roll < 0.85:
-                del s[0][r.choice(list(s[0]))]
-            else:
-                s = []
-            h["samples"] = s
         elif k == "deltas":
             h["deltas"] = r.choice([[[-1, "x"]], [[2**64 - 1, "x"]], [[0]], [[0, 1]], [], [[0, "x"]] * 50])
         elif k == "ids":
             return frames[:2] + [r.choice([b"", b"\x01\x02\x03", bytes(4 * 3) + b"\x00"])]
-        elif k == "items":
-            items = r.choice([pack([[[{"tokens": -1, "text": "", "finish_reason": "stop"}], 0]]),
-                              pack([[[{"tokens": 2**63, "text": "", "finish_reason": "stop"}], 0]] * len(h["rids"])),
-                              pack([]), pack({"a": 1}), b"\xc1"])
+        elif k == "items":  # Finished's samples, in its items frame
+            try:
+                good = msgpack.unpackb(bytes(frames[2])) if len(frames) > 2 else []
+            except Exception:  # a mutation before this one broke it: garbage it stays
+                good = []
+            s = [dict(x) for x in good[0][0]] if good and good[0] and good[0][0] else \
+                [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": False, "tokens": 0}]
+            roll = r.random()
+            if roll < 0.3:
+                s[0]["index"] = r.choice([-1, len(s), 5000, p.MAX_N, 2**64 - 1])  # sample index out of range
+            elif roll < 0.45:
+                s.append(dict(s[0], index=len(s)))  # more samples than the request's n (and than its ids)
+            elif roll < 0.6:
+                del s[0][r.choice(list(s[0]))]
+            elif roll < 0.7:
+                s = []
+            elif roll < 0.8:
+                s[0]["tokens"] = r.choice([-1, 2**63])
+            items = pack([[s, 0]] * len(h["rids"])) if roll < 0.8 else r.choice([pack([]), pack({"a": 1}), b"\xc1"])
             return frames[:2] + [items] + frames[3:]
         return self._with(frames, h)
 

@@ -453,8 +453,6 @@ class Broker:
     def _on_worker(self, ident: bytes, frames: list) -> None:
         try:
             msg = p.decode(frames, p.WORKER_TO_BROKER, check_frames=False)
-            if msg.CMD is p.Cmd.RESULT:
-                msg.check_frames()  # cheap, and a result missing frames must not close its request here
         except RolloutdError as e:
             self.faults.add("bad_message", f"from worker {self._worker_name(ident)}: {e}")
             w = self.workers.get(ident)
@@ -480,13 +478,12 @@ class Broker:
             self._to_worker(ident, p.Disconnect(reason=reason))
             return
         w.expiry = time.monotonic() + self.heartbeat_s * self.liveness
-        if cmd is p.Cmd.RESULT or (cmd is p.Cmd.ERROR and msg.rid):
-            if self._owned(w, msg.rid, type(msg).__name__):
-                req = self._close(msg.rid)
-                self.front.send_multipart([req.client, *frames], copy=False)
+        if cmd is p.Cmd.FINISHED:
+            self._on_finished(w, msg, frames)
+        elif cmd is p.Cmd.ERROR and msg.rid:
+            if self._owned(w, msg.rid, "Error"):
+                self.front.send_multipart([self._close(msg.rid).client, *frames], copy=False)
                 self._drain_pending()
-        elif cmd is p.Cmd.RESULTS:
-            self._on_results(w, msg, frames)
         elif cmd is p.Cmd.TOKENS:
             if self._owned(w, msg.rid, "Tokens"):
                 self.front.send_multipart([self.requests[msg.rid].client, *frames], copy=False)
@@ -535,10 +532,10 @@ class Broker:
             del self.client_bytes[req.client]
         req.frames, req.nbytes = None, 0
 
-    def _on_results(self, w: WorkerEntry, msg: p.Results, frames: list) -> None:
-        """A worker's batch of results: to each client its own, still as one message per client. The
-        common case (all for one client, all on this worker) is forwarded as it came: the samples frame is
-        not even unpacked (the client checks it)."""
+    def _on_finished(self, w: WorkerEntry, msg: p.Finished, frames: list) -> None:
+        """Requests a worker ended: to each client its own, still one message per client. The common case
+        (all for one client, all on this worker) is forwarded as it came, its samples frame not even unpacked
+        (the client checks it, and fails the requests it names if it does not add up)."""
         reqs = [self.requests.get(rid) for rid in msg.rids]
         client = reqs[0].client if reqs[0] is not None else None
         if client is not None and all(r is not None and r.client == client and r.worker == w.ident for r in reqs):
@@ -548,19 +545,18 @@ class Broker:
         else:
             try:
                 msg.check_frames()
-                results = msg.split()
             except RolloutdError as e:
-                self.faults.add("bad_message", f"results batch from worker {w.name}: {e}")
+                self.faults.add("bad_message", f"Finished from worker {w.name}: {e}")
                 for rid, req in zip(msg.rids, reqs):
                     if req is not None and req.worker == w.ident:
                         self._fail(rid, InternalError(f"worker {w.name} sent a bad result: {e}"))
                 return
-            by_client: dict[bytes, list[p.Result]] = {}
-            for r in results:
-                if self._owned(w, r.rid, "Results"):
-                    by_client.setdefault(self._close(r.rid).client, []).append(r)
-            for client, rs in by_client.items():
-                self._to_client(client, p.Results.join(rs))
+            by_client: dict[bytes, set] = {}
+            for rid in msg.rids:
+                if self._owned(w, rid, "Finished"):
+                    by_client.setdefault(self._close(rid).client, set()).add(rid)
+            for client, rids in by_client.items():
+                self._to_client(client, msg.select(rids))
         self._drain_pending()
 
     def _on_ready(self, ident: bytes, msg: p.Ready, first: zmq.Frame) -> None:
@@ -695,9 +691,8 @@ class Broker:
             if req is None:
                 continue
             self._close(rid)
-            samples = [{"index": i, "text": "", "finish_reason": "abort", "logprobs": False} for i in range(req.n)]
-            self._to_client(req.client, p.Result(rid=rid, worker="", weight_version=-1, samples=samples,
-                                                 frames=[b""] * req.n))
+            samples = [(i, "", "abort", b"", None) for i in range(req.n)]
+            self._to_client(req.client, p.Finished.pack("", -1, [(rid, 0, samples)]))
 
     def _expire_requests(self, now: float) -> None:
         """End the requests whose caller's deadline has passed: nobody waits for them any more (a client

@@ -35,7 +35,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import auth, config, sockets
 from . import protocol as p
 from .errors import BadRequest, BrokerUnreachable, ProtocolError, RequestTimeout, RolloutdError, from_code
-from .results import Delta, Reply, Result, deltas_from_message, from_batch, from_message, reply_from_message
+from .results import Delta, Reply, Result, deltas_from_message, from_finished, reply_from_message
 
 DEFAULT_TIMEOUT_S = 600.0
 CONNECT_TIMEOUT_S = 5.0
@@ -128,16 +128,12 @@ def _generate_msg(rid: str, prompt, sampling: dict, stream: bool, timeout_s: flo
 
 
 def _received(frames: list) -> list:
-    """What one received message means to the calls waiting: Results (one for RESULT, many for a RESULTS
-    batch) or the message itself. One that cannot be decoded, or does not add up, becomes a ProtocolError
+    """What one received message means to the calls waiting: a Result per request a Finished message
+    ended, or the message itself. One that cannot be decoded, or does not add up, becomes a ProtocolError
     for each request or call it names, so that those fail now instead of at their timeout."""
     try:
         msg = p.decode(frames, p.BROKER_TO_CLIENT)
-        if msg.CMD is p.Cmd.RESULTS:
-            return from_batch(msg)
-        if msg.CMD is p.Cmd.RESULT:
-            return [from_message(msg)]
-        return [msg]
+        return from_finished(msg) if msg.CMD is p.Cmd.FINISHED else [msg]
     except RolloutdError as e:
         rids, cid = p.ids_of(frames)
         text = f"an undecodable answer came for it: {e}"[:2000]

@@ -12,7 +12,6 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from . import protocol as p
 from .errors import BadRequest, EngineError
 
 log = logging.getLogger("rolloutd.engine")
@@ -259,41 +258,13 @@ def accumulate(states: dict[int, SampleState], out, want_logprobs: bool) -> list
     return step
 
 
-def _sample_map(i: int, st: SampleState, want_logprobs: bool) -> dict:
-    has_lp = want_logprobs and st.lps is not None and len(st.lps) == len(st.ids)
-    return {"index": i, "text": st.text, "finish_reason": st.finish_reason, "logprobs": has_lp}
-
-
-def result_message(rid: str, worker: str, version: int, states: dict[int, SampleState], n: int,
-                   prompt_tokens: int, want_logprobs: bool) -> p.Result:
-    samples, frames = [], []
+def samples_of(states: dict[int, SampleState], n: int, want_logprobs: bool) -> list[tuple]:
+    """A request's n samples as they end, in index order: (index, text, finish_reason, token ids, logprobs
+    or None). A sample that never produced output is empty, finish reason "abort"; logprobs come only when
+    asked for and one per token."""
+    out = []
     for i in range(n):
         st = states.get(i) or SampleState()
-        samples.append(s := _sample_map(i, st, want_logprobs))
-        frames.append(p.pack_ids(st.ids))
-        if s["logprobs"]:
-            frames.append(p.pack_logprobs(st.lps))
-    return p.Result(rid=rid, worker=worker, weight_version=version, samples=samples,
-                    prompt_tokens=prompt_tokens, frames=frames)
-
-
-def results_message(worker: str, version: int, finished: list[tuple]) -> p.Message:
-    """One message for requests that finished together: finished[i] = (rid, states, n, prompt_tokens,
-    want_logprobs). Every sample's ids go into one frame (logprobs into another): two frames for the batch,
-    not two per sample (512 aborted requests at once)."""
-    if len(finished) == 1:
-        rid, *rest = finished[0]
-        return result_message(rid, worker, version, *rest)
-    rids, items, ids, lps = [], [], [], []
-    for rid, states, n, prompt_tokens, want_logprobs in finished:
-        samples = []
-        for i in range(n):
-            st = states.get(i) or SampleState()
-            samples.append(s := _sample_map(i, st, want_logprobs))
-            s["tokens"] = len(st.ids)
-            ids.append(st.ids)
-            if s["logprobs"]:
-                lps.append(st.lps)
-        rids.append(rid)
-        items.append([samples, prompt_tokens])
-    return p.Results.pack(worker, version, rids, items, p.pack_many(ids), p.pack_many(lps, "f") if lps else None)
+        lps = st.lps if want_logprobs and st.lps is not None and len(st.lps) == len(st.ids) else None
+        out.append((i, st.text, st.finish_reason, st.ids, lps))
+    return out

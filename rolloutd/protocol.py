@@ -35,7 +35,7 @@ from .errors import BadRequest, ProtocolError
 TAG = b"RLD1"  # protocol name + version: a peer speaking another version is refused by name
 
 MAX_HEADER_BYTES = 1 << 20  # headers are small; a bigger one is garbage or abuse
-# ... except those that carry generated text (Tokens, Result, Results): n samples of long answers
+# ... except those that carry generated text (Tokens, and Finished's items frame): n samples of long answers
 MAX_TEXT_HEADER_BYTES = 1 << 26
 MAX_N = 1024
 MAX_FRAME_BYTES = 1 << 26  # 64 MiB: what a worker may send in one frame; bulk weights never ride these sockets
@@ -65,10 +65,9 @@ class Cmd(IntEnum):
     # generation
     GENERATE = 10
     TOKENS = 11
-    RESULT = 12
+    FINISHED = 12
     ABORT = 13
     ABORT_ALL = 14
-    RESULTS = 15
     # engine state, fanned out to every worker
     LOAD_WEIGHTS = 20
     SLEEP = 21
@@ -221,70 +220,33 @@ class Tokens(Message):
             _frame_len(f, TOKEN_DTYPE, "token ids")
 
 
-@dataclass
-class Result(Message):
-    """Worker -> broker -> client: the end of one request, every sample in it.
-
-    samples[i] = {"index", "text", "finish_reason", "logprobs": bool}; frames hold, sample by sample,
-    its token ids (int32) and, when it has logprobs, the sampled tokens' logprobs (float32).
-    finish_reason is "stop", "length" or "abort" (an aborted request keeps what it had generated).
-    """
-    CMD = Cmd.RESULT
-    MAX_HEADER = MAX_TEXT_HEADER_BYTES
-    MAX_BULK = 2 * MAX_N
-    rid: str = rule(_is_id, ID)
-    worker: str = rule(lambda v: len(v) <= MAX_ID_LEN, f"at most {MAX_ID_LEN} characters")  # "": the broker's own
-    weight_version: int = rule(*VERSION)
-    samples: list[dict] = rule(lambda v: 1 <= len(v) <= MAX_N, f"1..{MAX_N} samples")
-    prompt_tokens: int = rule(*COUNT, default=0)
-
-    def check_frames(self) -> None:
-        _check_samples(self.samples)
-        want = result_frames(self.samples)
-        if len(self.frames) != want:
-            raise ProtocolError(f"result: samples need {want} frames, got {len(self.frames)}")
-        i = 0
-        for s in self.samples:
-            n = _frame_len(self.frames[i], TOKEN_DTYPE, "token ids")
-            i += 1
-            if s.get("logprobs"):
-                if _frame_len(self.frames[i], LOGPROB_DTYPE, "logprobs") != n:
-                    raise ProtocolError("result: logprobs and token ids differ in length")
-                i += 1
-
-
 def _check_samples(samples: list) -> None:
     """Each sample a map with text and finish_reason strings and its index: the indices are 0..n-1, once each."""
     seen = set()
     for s in samples:
         if not isinstance(s, dict) or not isinstance(s.get("text"), str) or not isinstance(s.get("finish_reason"), str):
-            raise ProtocolError("result: each sample needs text and finish_reason strings")
+            raise ProtocolError("finished: each sample needs text and finish_reason strings")
         i = s.get("index")
         if type(i) is not int or not 0 <= i < len(samples) or i in seen:
-            raise ProtocolError(f"result: sample indices must be 0..{len(samples) - 1}, each once; got {i!r}")
+            raise ProtocolError(f"finished: sample indices must be 0..{len(samples) - 1}, each once; got {i!r}")
         seen.add(i)
 
 
-def result_frames(samples: list[dict]) -> int:
-    """How many bulk frames a result with these samples carries."""
-    return sum(2 if s.get("logprobs") else 1 for s in samples)
-
-
 @dataclass
-class Results(Message):
-    """Worker -> broker -> client: several results at once, as a worker finishes them in one event-loop
-    turn (an abort of 512 requests makes 512 at once); one message instead of hundreds through every hop.
+class Finished(Message):
+    """Worker -> broker -> client: requests that ended, with every sample of each. One message for all that
+    a worker finishes in one event-loop turn (an abort of 512 requests ends 512 at once), or for one.
 
-    The header holds only what routes the batch: rids[i] names item i, and the broker reads nothing else.
-    The rest is packed so that a batch costs a few frames at every hop, not one or two per sample:
-    frames[0] is a msgpack list with, per item, [samples, prompt_tokens] (samples as in Result, plus
-    "tokens": that sample's count); frames[1] holds every sample's token ids (int32), item after item,
-    sample after sample; frames[2], present when any sample has logprobs, holds those samples' logprobs
-    (float32) in the same order. split() and join() turn it into Result messages and back.
+    The header holds only what routes it: rids[i] names item i, and the broker reads nothing else. The rest
+    costs a few frames whatever the count: frames[0] is a msgpack list with, per item, [samples,
+    prompt_tokens], each sample a map {"index", "text", "finish_reason" ("stop", "length" or "abort": an
+    aborted request keeps what it had), "logprobs": bool, "tokens": its count}; frames[1] holds every
+    sample's token ids (int32), item after item, sample after sample; frames[2], present when any sample has
+    logprobs, those samples' logprobs (float32) in the same order. pack() is the one way to make it.
     """
-    CMD = Cmd.RESULTS
+    CMD = Cmd.FINISHED
     MAX_BULK = 3
-    worker: str = rule(_is_id, ID)
+    worker: str = rule(lambda v: len(v) <= MAX_ID_LEN, f"at most {MAX_ID_LEN} characters")  # "": the broker's
     weight_version: int = rule(*VERSION)
     rids: list[str] = rule(lambda v: v and _ids()(v), f"1..{MAX_IDS} ids of {ID}")
 
@@ -293,14 +255,14 @@ class Results(Message):
         items = self.__dict__.get("_items")
         if items is None:
             if not self.frames or len(self.frames[0]) > MAX_TEXT_HEADER_BYTES:
-                raise ProtocolError("results: the items frame is missing or over the limit")
-            items = _unpackb(self.frames[0], "results: the items frame")
+                raise ProtocolError("finished: the items frame is missing or over the limit")
+            items = _unpackb(self.frames[0], "finished: the items frame")
             if not isinstance(items, list) or len(items) != len(self.rids):
-                raise ProtocolError(f"results: {len(self.rids)} rids need as many items")
+                raise ProtocolError(f"finished: {len(self.rids)} rids need as many items")
             for it in items:
                 if (not isinstance(it, list) or len(it) != 2 or not isinstance(it[0], list)
                         or not all(isinstance(x, dict) for x in it[0]) or type(it[1]) is not int):
-                    raise ProtocolError("results: each item is [[sample maps], prompt_tokens]")
+                    raise ProtocolError("finished: each item is [[sample maps], prompt_tokens]")
             self.__dict__["_items"] = items
         return items
 
@@ -309,22 +271,22 @@ class Results(Message):
         any_lp = False
         for samples, prompt_tokens in self.items():
             if not 1 <= len(samples) <= MAX_N or prompt_tokens < 0:
-                raise ProtocolError(f"results: each item has 1..{MAX_N} samples and a prompt length >= 0")
+                raise ProtocolError(f"finished: each item has 1..{MAX_N} samples and a prompt length >= 0")
             _check_samples(samples)
             for s in samples:
                 k = s.get("tokens")
                 if type(k) is not int or k < 0:
-                    raise ProtocolError("results: each sample needs its token count (tokens)")
+                    raise ProtocolError("finished: each sample needs its token count (tokens)")
                 total += k
                 if s.get("logprobs"):
                     any_lp, lp_total = True, lp_total + k
         want = 3 if any_lp else 2
         if len(self.frames) != want:
-            raise ProtocolError(f"results: the samples need {want} frames, got {len(self.frames)}")
+            raise ProtocolError(f"finished: the samples need {want} frames, got {len(self.frames)}")
         if _frame_len(self.frames[1], TOKEN_DTYPE, "token ids") != total:
-            raise ProtocolError(f"results: the samples count {total} token ids, the frame holds another number")
+            raise ProtocolError(f"finished: the samples count {total} token ids, the frame holds another number")
         if any_lp and _frame_len(self.frames[2], LOGPROB_DTYPE, "logprobs") != lp_total:
-            raise ProtocolError(f"results: the samples count {lp_total} logprobs, the frame holds another number")
+            raise ProtocolError(f"finished: the samples count {lp_total} logprobs, the frame holds another number")
 
     def spans(self):
         """Walk a checked message: per item (rid, samples, prompt_tokens, per sample (start, end, lp)),
@@ -342,49 +304,37 @@ class Results(Message):
                 i += k
             yield rid, samples, prompt_tokens, spans
 
-    def split(self) -> list[Result]:
-        """One Result per item (its frames are views, not copies); call on a checked message."""
+    def select(self, rids: set) -> Finished | None:
+        """A Finished with only these requests' items (None if it has none of them): to each client its own
+        when one message ended requests of several. Call on a checked message."""
         ids = memoryview(self.frames[1])
         lps = memoryview(self.frames[2]) if len(self.frames) > 2 else None
-        out = []
+        ended = []
         for rid, samples, prompt_tokens, spans in self.spans():
-            frames = []
-            for a, b, lp in spans:  # int32 and float32 alike: 4 bytes an element
-                frames.append(ids[4 * a:4 * b])
-                if lp is not None:
-                    frames.append(lps[4 * lp:4 * (lp + b - a)])
-            out.append(Result(rid=rid, worker=self.worker, weight_version=self.weight_version, samples=samples,
-                              prompt_tokens=prompt_tokens, frames=frames))
-        return out
+            if rid in rids:  # int32 and float32 alike: 4 bytes an element
+                ended.append((rid, prompt_tokens, [
+                    (s["index"], s["text"], s["finish_reason"], ids[4 * a:4 * b],
+                     None if lp is None else lps[4 * lp:4 * (lp + b - a)]) for s, (a, b, lp) in zip(samples, spans)]))
+        return Finished.pack(self.worker, self.weight_version, ended) if ended else None
 
     @staticmethod
-    def pack(worker: str, weight_version: int, rids: list[str], items: list[list], ids: bytes,
-             logprobs: bytes | None) -> Results:
-        """Results from its parts: items as in items(), ids and logprobs already packed."""
-        frames = [_packb(items), ids] + ([logprobs] if logprobs is not None else [])
-        return Results(worker=worker, weight_version=weight_version, rids=rids, frames=frames)
-
-    @staticmethod
-    def join(results: list[Result]) -> Message:
-        """One message for results of one worker (a lone result stays a plain Result)."""
-        if len(results) == 1:
-            return results[0]
+    def pack(worker: str, weight_version: int, ended: list) -> Finished:
+        """The one way to make a Finished. ended[i] = (rid, prompt_tokens, samples), each sample (index, text,
+        finish_reason, token ids, logprobs or None: one per token id when given); ids and logprobs as lists
+        of numbers, or already packed (bytes, memoryview)."""
         items, ids, lps = [], [], []
-        any_lp = False
-        for r in results:
-            frames = iter(r.frames)
-            samples = []
-            for s in r.samples:
-                f = next(frames)
-                ids.append(f)
-                samples.append({**s, "tokens": len(f) // TOKEN_DTYPE.itemsize})
-                if s.get("logprobs"):
-                    any_lp = True
-                    lps.append(next(frames))
-            items.append([samples, r.prompt_tokens])
-        first = results[0]
-        return Results.pack(first.worker, first.weight_version, [r.rid for r in results], items, b"".join(ids),
-                            b"".join(lps) if any_lp else None)
+        for _, prompt_tokens, samples in ended:
+            maps = []
+            for index, text, reason, sample_ids, sample_lps in samples:
+                packed = _packed(sample_ids, "i")
+                maps.append({"index": index, "text": text, "finish_reason": reason,
+                             "logprobs": sample_lps is not None, "tokens": len(packed) // 4})
+                ids.append(packed)
+                if sample_lps is not None:
+                    lps.append(_packed(sample_lps, "f"))
+            items.append([maps, prompt_tokens])
+        frames = [_packb(items), b"".join(ids)] + ([b"".join(lps)] if lps else [])
+        return Finished(worker=worker, weight_version=weight_version, rids=[e[0] for e in ended], frames=frames)
 
 
 @dataclass
@@ -606,11 +556,11 @@ def _show(v) -> str:
 # Which commands each hop takes: decode refuses the rest before unpacking anything.
 CLIENT_TO_BROKER = frozenset({Cmd.GENERATE, Cmd.ABORT, Cmd.ABORT_ALL, Cmd.LOAD_WEIGHTS, Cmd.SLEEP, Cmd.WAKE,
                               Cmd.PAUSE, Cmd.RESUME, Cmd.STATUS, Cmd.PING})
-WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.TOKENS, Cmd.RESULT, Cmd.RESULTS,
-                              Cmd.REPLY, Cmd.ERROR})
+WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.TOKENS, Cmd.FINISHED, Cmd.REPLY,
+                              Cmd.ERROR})
 BROKER_TO_WORKER = frozenset({Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.GENERATE, Cmd.ABORT, Cmd.ABORT_ALL,
                               Cmd.LOAD_WEIGHTS, Cmd.SLEEP, Cmd.WAKE, Cmd.PAUSE, Cmd.RESUME, Cmd.PING})
-BROKER_TO_CLIENT = frozenset({Cmd.TOKENS, Cmd.RESULT, Cmd.RESULTS, Cmd.REPLY, Cmd.ERROR})
+BROKER_TO_CLIENT = frozenset({Cmd.TOKENS, Cmd.FINISHED, Cmd.REPLY, Cmd.ERROR})
 ANY = frozenset(Cmd)
 
 
@@ -681,32 +631,20 @@ def _struct(values, code: str) -> bytes:
     return struct.pack(f"<{len(values)}{code}", *values)
 
 
-def _pack(values, code: str, dtype: np.dtype) -> bytes:
-    if isinstance(values, (list, tuple)):
-        return _struct(values, code)
-    return np.asarray(values, dtype=dtype).tobytes()
-
-
-def pack_many(lists: list, code: str = "i") -> bytes:
-    """Several lists of token ids ("i") or logprobs ("f") as one frame, in order."""
-    return b"".join([_struct(v, code) for v in lists])
+def _packed(values, code: str):
+    """Numbers as wire bytes ("i" int32, "f" float32); what is packed already passes as it is."""
+    return values if isinstance(values, (bytes, memoryview)) else _struct(values, code)
 
 
 def pack_ids(ids) -> bytes:
     """Token ids (list, tuple or numpy array) as one little-endian int32 frame."""
-    return _pack(ids, "i", TOKEN_DTYPE)
+    if isinstance(ids, (list, tuple)):
+        return _struct(ids, "i")
+    return np.asarray(ids, dtype=TOKEN_DTYPE).tobytes()
 
 
 def unpack_ids(frame) -> list[int]:
     return np.frombuffer(frame, dtype=TOKEN_DTYPE).tolist()
-
-
-def pack_logprobs(lps) -> bytes:
-    return _pack(lps, "f", LOGPROB_DTYPE)
-
-
-def unpack_logprobs(frame) -> list[float]:
-    return np.frombuffer(frame, dtype=LOGPROB_DTYPE).tolist()
 
 
 # ------------------------------------------------------------------------------------------- registration

@@ -125,19 +125,8 @@ def reply_from_message(msg: p.Reply) -> Reply:
     return Reply(msg.ok, msg.data, workers)
 
 
-def from_message(msg: p.Result) -> Result:
-    samples = []
-    frames = iter(msg.frames)
-    for s in msg.samples:
-        ids = np.frombuffer(next(frames), dtype=p.TOKEN_DTYPE)
-        lps = np.frombuffer(next(frames), dtype=p.LOGPROB_DTYPE) if s.get("logprobs") else None
-        samples.append(Sample(s.get("index", len(samples)), ids, s["text"], s["finish_reason"], lps))
-    return _result(msg.rid, samples, msg.weight_version, msg.worker, msg.prompt_tokens)
-
-
-def from_batch(msg: p.Results) -> list[Result]:
-    """Every Result of a (checked) Results message, each sample a view into the batch's frames: like
-    [from_message(r) for r in msg.split()], at half the cost (512 results arrive at once)."""
+def from_finished(msg: p.Finished) -> list[Result]:
+    """Every Result of a (checked) Finished message, each sample a view into its frames, no copy."""
     ids = np.frombuffer(msg.frames[1], dtype=p.TOKEN_DTYPE)
     lps = np.frombuffer(msg.frames[2], dtype=p.LOGPROB_DTYPE) if len(msg.frames) > 2 else None
     out = []

@@ -412,7 +412,7 @@ class Worker:
 
     def _finish(self, job: "_Job") -> None:
         job.done = True
-        self._queue_result((job.rid, job.states, job.n, job.prompt_tokens, job.want_lp))
+        self._queue_result((job.rid, job.prompt_tokens, eng.samples_of(job.states, job.n, job.want_lp)))
 
     def _send_aborted(self, rids: list[str]) -> None:
         """Right after vLLM's abort(): each request's final output waits in its collector, and its task would
@@ -438,19 +438,19 @@ class Worker:
         self._flush_results()  # not at the end of this loop turn: 512 task wake-ups are queued ahead of it
         log.info("aborted %d request(s); %d result(s) sent at once", len(rids), sent)
 
-    def _queue_result(self, finished: tuple) -> None:
-        """Requests finished in one event-loop turn leave together, as one message (see protocol.Results):
-        finished = (rid, sample states, n, prompt tokens, want logprobs)."""
+    def _queue_result(self, ended: tuple) -> None:
+        """Requests finished in one event-loop turn leave together, as one message (protocol.Finished):
+        ended = (rid, prompt tokens, its samples as engine.samples_of gives them)."""
         if not self._outbox:
             self._loop.call_soon(self._flush_results)
-        self._outbox.append(finished)
-        self._outbox_bytes += sum(5 * len(st.ids) + len(st.text) for st in finished[1].values())  # ids, logprobs, text
+        self._outbox.append(ended)
+        self._outbox_bytes += sum(5 * len(ids) + len(text) for _, text, _, ids, _ in ended[2])  # ids, logprobs, text
         if len(self._outbox) >= _BATCH_RESULTS or self._outbox_bytes > _MAX_BATCH_BYTES:
             self._flush_results()
 
     def _flush_results(self) -> None:
         if self._outbox:
-            self._send(eng.results_message(self.id, self.weight_version, self._outbox))
+            self._send(p.Finished.pack(self.id, self.weight_version, self._outbox))
         self._outbox, self._outbox_bytes = [], 0
 
     def _prompt_ids(self, msg: p.Generate) -> list[int]:

@@ -12,6 +12,7 @@ from rolloutd import protocol as p
 from rolloutd.broker import Broker
 from rolloutd.client import Client
 from rolloutd.errors import Busy, ShuttingDown, WorkerLost
+from rolloutd.results import from_finished
 
 HB = 0.1
 # Fake workers beat only when a test says so; 10 intervals (1 s) keeps them alive through a test's own
@@ -90,9 +91,27 @@ class FakeWorker:
         return True
 
     def finish(self, gen: p.Generate, tokens=(1, 2)):
-        samples = [{"index": i, "text": "x", "finish_reason": "stop", "logprobs": False} for i in range(gen.n)]
-        self.send(p.Result(rid=gen.rid, worker=self.name, weight_version=0, samples=samples,
-                           frames=[p.pack_ids(tokens)] * gen.n))
+        self.send(finished(self.name, gen.rid, gen.n, tokens))
+
+
+def finished(worker: str, rid: str, n: int = 1, tokens=(1, 2), reason: str = "stop") -> p.Finished:
+    """A worker's Finished for one request: n samples, each these tokens."""
+    return p.Finished.pack(worker, 0, [(rid, 0, [(i, "x", reason, list(tokens), None) for i in range(n)])])
+
+
+def ended(msg: p.Message) -> dict:
+    """The requests a Finished message ended: {rid: results.Result}."""
+    assert msg.CMD is p.Cmd.FINISHED, msg
+    msg.check_frames()
+    return {r.request_id: r for r in from_finished(msg)}
+
+
+def rid_of(msg: p.Message) -> str:
+    """The one request a message answers (an Error's rid, a Finished's only rid)."""
+    if msg.CMD is p.Cmd.FINISHED:
+        (rid,) = msg.rids
+        return rid
+    return msg.rid
 
 
 def raw_client(broker):
@@ -118,9 +137,9 @@ def test_least_loaded_placement_keeps_a_prompts_samples_together(broker):
     for name, w in (("a", a), ("b", b)):
         for m in got[name]:
             w.finish(m, tokens=(7, 8, 9))
-    results = [recv(c) for _ in range(4)]
-    assert sorted(r.rid for r in results) == ["r0", "r1", "r2", "r3"]
-    assert all(p.unpack_ids(r.frames[1]) == [7, 8, 9] for r in results)
+    results = {rid: r for _ in range(4) for rid, r in ended(recv(c)).items()}
+    assert sorted(results) == ["r0", "r1", "r2", "r3"]
+    assert all(s.token_ids == [7, 8, 9] for r in results.values() for s in r.samples)
     assert broker.status()["requests"] == 0
 
 
@@ -136,7 +155,7 @@ def test_full_workers_queue_then_refuse_as_busy(broker):
     assert err.CMD is p.Cmd.ERROR and err.code == Busy.code and err.rid == "refused"
     assert w.has_nothing()  # the waiting ones are held by the broker, not pushed onto a full worker
     w.finish(first)
-    assert recv(c).rid == "first"
+    assert rid_of(recv(c)) == "first"
     assert {w.next().rid, w.next().rid} == {"wait0", "wait1"}  # room for 2 sequences again
 
 
@@ -157,7 +176,7 @@ def test_silent_worker_fails_its_requests_with_worker_lost(broker):
     assert time.monotonic() - t0 < HB * LIVENESS + 0.9
     assert [w["id"] for w in broker.status()["workers"]] == ["b"]
     b.finish(p.Generate(rid=on["b"], sampling={}, prompt="x"))
-    assert recv(c).rid == on["b"]
+    assert rid_of(recv(c)) == on["b"]
 
 
 def test_abort_reaches_only_the_owner_and_names_unknown_ids(broker):
@@ -199,9 +218,9 @@ def test_pending_requests_abort_at_once_with_no_tokens(broker):
     c = raw_client(broker)
     c.send_multipart(gen("waiting", n=3))  # no worker yet
     c.send_multipart(p.encode(p.AbortAll(cid="c3")))
-    res = recv(c)
-    assert res.CMD is p.Cmd.RESULT and res.rid == "waiting"
-    assert [s["finish_reason"] for s in res.samples] == ["abort"] * 3
+    (res,) = ended(recv(c)).values()
+    assert res.request_id == "waiting" and res.weight_version == -1
+    assert [(s.finish_reason, s.token_ids) for s in res.samples] == [("abort", [])] * 3
     assert recv(c).CMD is p.Cmd.REPLY
 
 
@@ -254,14 +273,10 @@ def test_a_results_batch_reaches_each_client_with_its_own(broker):
     c2.send_multipart(gen("two"))
     c1.send_multipart(gen("three"))
     gens = [w.next() for _ in range(3)]
-    results = []
-    for g in gens:
-        samples = [{"index": 0, "text": g.rid, "finish_reason": "abort", "logprobs": False}]
-        results.append(p.Result(rid=g.rid, worker="a", weight_version=0, samples=samples, frames=[p.pack_ids([1])]))
-    w.send(p.Results.join(results))
-    got1, got2 = recv(c1), recv(c2)
-    assert got1.CMD is p.Cmd.RESULTS and sorted(r.rid for r in got1.split()) == ["one", "three"]
-    assert got2.CMD is p.Cmd.RESULT and got2.rid == "two"
+    w.send(p.Finished.pack("a", 0, [(g.rid, 0, [(0, g.rid, "abort", [1], None)]) for g in gens]))
+    got1, got2 = ended(recv(c1)), ended(recv(c2))
+    assert sorted(got1) == ["one", "three"] and list(got2) == ["two"]
+    assert got1["three"].text == "three" and got2["two"].token_ids == [1]
     assert broker.status()["requests"] == 0 and broker.status()["workers"][0]["inflight"] == 0
 
 
@@ -272,7 +287,9 @@ def test_a_bad_results_batch_fails_its_requests_instead_of_dropping_them(broker)
     c2.send_multipart(gen("bad-two"))
     gens = [w.next() for _ in range(2)]
     items = [[[{"index": 0, "text": "", "finish_reason": "stop", "logprobs": False, "tokens": 5}], 0] for g in gens]
-    w.send(p.Results.pack("a", 0, [g.rid for g in gens], items, p.pack_ids([1]), None))  # 10 ids promised
+    bad = p.Finished(worker="a", weight_version=0, rids=[g.rid for g in gens],
+                     frames=[msgpack.packb(items), p.pack_ids([1])])  # 10 ids promised, 1 there
+    w.send(bad)
     got1, got2 = recv(c1), recv(c2)
     assert (got1.CMD, got1.rid, got1.code) == (p.Cmd.ERROR, "bad-one", "internal")
     assert (got2.CMD, got2.rid, got2.code) == (p.Cmd.ERROR, "bad-two", "internal")
@@ -291,12 +308,12 @@ def test_a_stopping_broker_refuses_new_work_drains_then_aborts_and_forwards_the_
         err = recv(c)
         assert err.CMD is p.Cmd.ERROR and err.code == ShuttingDown.code and err.rid == "late"
         w.finish(quick)  # finishes within the drain: delivered as usual
-        assert recv(c).rid == "quick"
+        assert rid_of(recv(c)) == "quick"
         abort = w.next(timeout=3.0)  # the drain is over: what is left is aborted at its worker
         assert abort.CMD is p.Cmd.ABORT and abort.rids == ["slow"]
         w.finish(slow, tokens=(4,))  # its partial output
-        res = recv(c)
-        assert res.rid == "slow" and p.unpack_ids(res.frames[1]) == [4]
+        res = ended(recv(c))
+        assert list(res) == ["slow"] and [s.token_ids for s in res["slow"].samples] == [[4], [4]]
         t.join(3)
         assert not t.is_alive(), "the broker did not end once nothing was in flight"
 

@@ -1,10 +1,13 @@
 """The codec: round trips of every message kind, and a clear error for each way a message can be wrong."""
+import struct
+
 import msgpack
 import numpy as np
 import pytest
 
 from rolloutd import protocol as p
 from rolloutd.errors import BadRequest, ProtocolError
+from rolloutd.results import from_finished
 
 
 def roundtrip(msg):
@@ -37,15 +40,14 @@ def test_chat_and_text_prompts_roundtrip():
     assert roundtrip(p.Generate(rid="b", sampling={}, prompt="hello")).prompt == "hello"
 
 
-def test_result_roundtrip_with_logprobs_and_empty_sample():
-    samples = [{"index": 0, "text": "ab", "finish_reason": "stop", "logprobs": True},
-               {"index": 1, "text": "", "finish_reason": "abort", "logprobs": False}]
-    frames = [p.pack_ids([5, 6]), p.pack_logprobs([-0.5, -1.25]), p.pack_ids([])]
-    m = roundtrip(p.Result(rid="r", worker="w0", weight_version=3, samples=samples, frames=frames))
-    assert m.weight_version == 3 and m.samples == samples
-    assert p.unpack_ids(m.frames[0]) == [5, 6]
-    assert p.unpack_logprobs(m.frames[1]) == [-0.5, -1.25]
-    assert p.unpack_ids(m.frames[2]) == []
+def test_finished_roundtrip_with_logprobs_and_an_empty_sample():
+    m = roundtrip(p.Finished.pack("w0", 3, [("r", 4, [(0, "ab", "stop", [5, 6], [-0.5, -1.25]),
+                                                       (1, "", "abort", [], None)])]))
+    m.check_frames()
+    (r,) = from_finished(m)
+    assert (r.request_id, r.weight_version, r.worker, r.prompt_tokens) == ("r", 3, "w0", 4)
+    assert [(s.index, s.text, s.finish_reason, s.token_ids, s.logprobs) for s in r.samples] == \
+        [(0, "ab", "stop", [5, 6], [-0.5, -1.25]), (1, "", "abort", [], None)]
 
 
 def test_control_messages_roundtrip():
@@ -117,38 +119,32 @@ def test_empty_token_prompt_is_a_bad_request():
         p.decode(p.encode(p.Generate(rid="r", sampling={}, frames=[b""])), p.ANY)
 
 
-def test_result_frame_count_must_match_samples():
-    samples = [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": True}]
-    with pytest.raises(ProtocolError, match="need 2 frames"):
-        p.decode(p.encode(p.Result(rid="r", worker="w", weight_version=0, samples=samples, frames=[b""])), p.ANY)
-    # the broker forwards results without reading their frames
-    assert p.decode(p.encode(p.Result(rid="r", worker="w", weight_version=0, samples=samples, frames=[b""])), p.ANY,
-                    check_frames=False).rid == "r"
+def test_finished_frames_must_add_up_but_the_broker_can_forward_without_reading_them():
+    m = p.Finished.pack("w", 0, [("r", 0, [(0, "", "stop", [1], [-0.5])])])
+    m.frames = m.frames[:2]  # the logprobs frame lost
+    with pytest.raises(ProtocolError, match="need 3 frames"):
+        p.decode(p.encode(m), p.ANY)
+    assert p.decode(p.encode(m), p.ANY, check_frames=False).rids == ["r"]
 
 
-def _result(rid, ids, lps=None):
-    samples = [{"index": 0, "text": rid, "finish_reason": "abort", "logprobs": lps is not None}]
-    frames = [p.pack_ids(ids)] + ([p.pack_logprobs(lps)] if lps is not None else [])
-    return p.Result(rid=rid, worker="w", weight_version=2, samples=samples, prompt_tokens=3, frames=frames)
+def test_finished_packs_any_number_of_requests_in_a_few_frames_and_selects_some():
+    ended = [("a", 3, [(0, "a", "abort", [1, 2], None)]), ("b", 3, [(0, "b", "abort", [3], [-0.5])]),
+             ("c", 3, [(0, "c", "abort", [], None)])]
+    batch = roundtrip(p.Finished.pack("w", 2, ended))
+    batch.check_frames()
+    # every sample's ids in one frame, the logprobs in another, whatever the count
+    assert batch.rids == ["a", "b", "c"] and len(batch.frames) == 3
+    assert p.unpack_ids(batch.frames[1]) == [1, 2, 3]
+    some = roundtrip(batch.select({"b", "c"}))
+    some.check_frames()
+    assert [(r.request_id, r.token_ids, r.logprobs) for r in from_finished(some)] == [("b", [3], [-0.5]), ("c", [], None)]
+    assert batch.select({"zzz"}) is None
 
 
-def test_results_batch_roundtrip_and_split():
-    rs = [_result("a", [1, 2]), _result("b", [3], [-0.5]), _result("c", [])]
-    batch = roundtrip(p.Results.join(rs))
-    # packed: every sample's ids in one frame, the logprobs in another, whatever the batch's size
-    assert isinstance(batch, p.Results) and [bytes(f) for f in batch.frames[1:]] == [p.pack_ids([1, 2, 3]), p.pack_logprobs([-0.5])]
-    assert batch.rids == ["a", "b", "c"]
-    without_count = lambda samples: [{k: v for k, v in s.items() if k != "tokens"} for s in samples]
-    assert [(r.rid, without_count(r.samples), r.prompt_tokens, [bytes(f) for f in r.frames]) for r in batch.split()] == \
-        [(r.rid, r.samples, r.prompt_tokens, r.frames) for r in rs]
-    assert p.Results.join([rs[0]]) is rs[0]  # a lone result stays a plain Result
-
-
-def test_a_result_may_carry_more_text_than_a_command_header():
+def test_finished_may_carry_more_text_than_a_command_header():
     text = "x" * (p.MAX_HEADER_BYTES + 10)  # 16 samples of a long chain of thought
-    r = p.Result(rid="r", worker="w", weight_version=0, frames=[p.pack_ids([1])],
-                 samples=[{"index": 0, "text": text, "finish_reason": "stop", "logprobs": False}])
-    assert roundtrip(r).samples[0]["text"] == text
+    m = roundtrip(p.Finished.pack("w", 0, [("r", 0, [(0, text, "stop", [1], None)])]))
+    assert from_finished(m)[0].text == text
     with pytest.raises(ProtocolError, match="over the limit"):
         p.decode(p.encode(p.Status(cid="x" * (p.MAX_HEADER_BYTES + 10))), p.ANY)
 
@@ -162,20 +158,20 @@ def _sample(tokens=1, **kw):
     ([[[_sample()], 0]], [p.pack_ids([1]), b""], "need 2 frames"),
     ([[[_sample(logprobs=True)], 0]], [p.pack_ids([1])], "need 3 frames"),
     ([[[_sample(2)], 0]], [p.pack_ids([1])], "count 2 token ids"),
-    ([[[_sample(1, logprobs=True)], 0]], [p.pack_ids([1]), p.pack_logprobs([1.0, 2.0])], "count 1 logprobs"),
+    ([[[_sample(1, logprobs=True)], 0]], [p.pack_ids([1]), struct.pack('<2f', 1.0, 2.0)], "count 1 logprobs"),
     ([[[_sample(-1)], 0]], [b""], "token count"),
     ([[[{"index": 0, "text": "", "finish_reason": "stop"}], 0]], [b""], "token count"),
     ([[["x"], 0]], [b""], "each item is"),
     ([[[_sample()], 0], [[_sample()], 0]], [p.pack_ids([1, 2])], "1 rids need as many items"),
     (None, [b""], "not valid msgpack"),
 ])
-def test_bad_results_batches_are_protocol_errors(items, frames, match):
+def test_bad_finished_messages_are_protocol_errors(items, frames, match):
     packed = [b"\xc1"] if items is None else [msgpack.packb(items)]
     with pytest.raises(ProtocolError, match=match):
-        p.decode(p.encode(p.Results(worker="w", weight_version=0, rids=["a"], frames=packed + frames)), p.ANY)
+        p.decode(p.encode(p.Finished(worker="w", weight_version=0, rids=["a"], frames=packed + frames)), p.ANY)
 
 
-def test_a_workers_packed_batch_splits_into_the_results_it_would_send_one_by_one():
+def test_the_engines_sample_states_reach_the_client_as_they_were():
     from rolloutd import engine as eng
 
     def state(ids, text, reason, lps=None):
@@ -183,20 +179,14 @@ def test_a_workers_packed_batch_splits_into_the_results_it_would_send_one_by_one
         st.ids, st.text, st.finish_reason, st.lps = ids, text, reason, lps
         return st
 
-    finished = [("a", {0: state([1, 2], "ab", "abort"), 1: state([3], "c", "length")}, 2, 4, False),
-                ("b", {0: state([5, 6, 7], "xyz", "stop", [-0.1, -0.2, -0.3])}, 1, 2, True),
-                ("c", {}, 1, 1, False)]  # aborted before its first token
-    batch = roundtrip(eng.results_message("w", 3, finished))
-    one_by_one = [eng.result_message(rid, "w", 3, *rest) for rid, *rest in finished]
-    without_count = lambda samples: [{k: v for k, v in s.items() if k != "tokens"} for s in samples]
-    assert [(r.rid, without_count(r.samples), r.prompt_tokens, r.weight_version, [bytes(f) for f in r.frames])
-            for r in batch.split()] == \
-        [(r.rid, r.samples, r.prompt_tokens, r.weight_version, r.frames) for r in one_by_one]
-    assert isinstance(eng.results_message("w", 3, finished[:1]), p.Result)
-    # and the client's one-conversion path gives the Results that the one-by-one path gives
-    from rolloutd.results import from_batch, from_message
-    assert from_batch(batch) == [from_message(r) for r in one_by_one]
-
+    states = {0: state([5, 6, 7], "xyz", "stop", [-0.1, -0.2, -0.3]), 1: state([3], "c", "length", [-1.0, -2.0])}
+    ended = [("b", 2, eng.samples_of(states, 3, True)), ("c", 1, eng.samples_of({}, 1, False))]
+    got = from_finished(roundtrip(p.Finished.pack("w", 3, ended)))
+    assert [(s.token_ids, s.text, s.finish_reason) for s in got[0].samples] == \
+        [([5, 6, 7], "xyz", "stop"), ([3], "c", "length"), ([], "", "abort")]  # sample 2 never produced output
+    assert got[0].samples[0].logprobs == pytest.approx([-0.1, -0.2, -0.3])
+    assert got[0].samples[1].logprobs is None  # two logprobs for one token: not sent
+    assert got[1].samples[0].finish_reason == "abort" and got[1].prompt_tokens == 1
 
 
 def test_headers_nested_too_deep_are_refused_and_named_without_recursion():

@@ -12,10 +12,10 @@ import zmq
 
 from rolloutd import BrokerUnreachable, Busy, Client, ProtocolError, RequestTimeout
 from rolloutd import protocol as p
-from rolloutd.errors import InternalError, WorkerLost
+from rolloutd.errors import WorkerLost
 from rolloutd.testing import BrokerProcess
 
-from .test_broker import FakeWorker, gen, raw_client, recv, running_broker
+from .test_broker import FakeWorker, ended, gen, raw_client, recv, running_broker
 
 
 def header(cmd: p.Cmd, hdr: dict) -> list[bytes]:
@@ -85,7 +85,7 @@ def test_results_from_a_worker_the_request_is_not_on_are_dropped(broker):
     assert not c.poll(300), "a result from the wrong worker reached the client"
     assert faults(broker)["not_owner"] == 1
     a.finish(g, tokens=(1,))
-    assert p.unpack_ids(recv(c).frames[0]) == [1]
+    assert ended(recv(c))["on-a"].token_ids == [1]
 
 
 def test_a_live_workers_name_cannot_be_taken_over(broker):
@@ -107,11 +107,11 @@ def test_worker_commands_on_the_front_are_refused_before_their_header_is_read(br
     c = raw_client(broker)
     # Under the front's frame limit (a bigger frame drops the connection in libzmq), over any client
     # header's: unpacked, 8 MiB of such a header cost 600 MB and 1.6 s
-    huge = [p.TAG + bytes([p.Cmd.RESULT]), b"\x91" * (3 << 20)]
+    huge = [p.TAG + bytes([p.Cmd.FINISHED]), b"\x91" * (3 << 20)]
     t0 = time.monotonic()
     c.send_multipart(huge)
     err = recv(c)
-    assert err.code == ProtocolError.code and "Result is not taken here" in err.message
+    assert err.code == ProtocolError.code and "Finished is not taken here" in err.message
     assert time.monotonic() - t0 < 1.0
     alive(broker)
 
@@ -161,7 +161,7 @@ def test_aborted_pending_requests_leave_no_tombstones():
         for i in range(100):
             c.send_multipart(gen(f"r{i}"))
             c.send_multipart(p.encode(p.Abort(cid=f"c{i}", rids=[f"r{i}"])))
-            assert recv(c).CMD is p.Cmd.RESULT  # aborted with no tokens, never a Busy
+            assert recv(c).CMD is p.Cmd.FINISHED  # aborted with no tokens, never a Busy
             assert recv(c).CMD is p.Cmd.REPLY
         assert b.status()["pending"] == 0 and b.held_bytes == 0
 
@@ -235,12 +235,13 @@ def test_a_result_missing_its_frames_fails_the_request_at_once(broker):
     with Client(broker.front_address, timeout=30) as c:
         c._send(p.Generate(rid="x", sampling={}, frames=[p.pack_ids([1])]), time.monotonic() + 5)
         g = w.next()
-        samples = [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": False}]
-        w.send(p.Result(rid=g.rid, worker="a", weight_version=0, samples=samples, frames=[]))
+        items = [[[{"index": 0, "text": "", "finish_reason": "stop", "logprobs": False, "tokens": 1}], 0]]
+        w.send(p.Finished(worker="a", weight_version=0, rids=[g.rid], frames=[msgpack.packb(items)]))  # no ids
         t0 = time.monotonic()
-        (err,) = c._recv(time.monotonic() + 5)
+        (err,) = c._recv(time.monotonic() + 5)  # it was dropped, and the call waited out its timeout
         assert time.monotonic() - t0 < 2
-        assert err.CMD is p.Cmd.ERROR and err.rid == "x" and err.code == InternalError.code
+        assert err.CMD is p.Cmd.ERROR and err.rid == "x" and err.code == ProtocolError.code
+    assert broker.status()["requests"] == 0
 
 
 def test_a_batch_with_a_bad_sample_index_fails_its_requests_with_a_typed_error(broker):
@@ -252,7 +253,8 @@ def test_a_batch_with_a_bad_sample_index_fails_its_requests_with_a_typed_error(b
         t.start()
         gens = [w.next(), w.next()]
         items = [[[{"index": 7, "text": "", "finish_reason": "stop", "logprobs": False, "tokens": 1}], 0]] * 2
-        w.send(p.Results.pack("a", 0, [g.rid for g in gens], items, p.pack_ids([1, 2]), None))
+        w.send(p.Finished(worker="a", weight_version=0, rids=[g.rid for g in gens],
+                          frames=[msgpack.packb(items), p.pack_ids([1, 2])]))
         t.join(5)
     assert isinstance(box["r"], ProtocolError), box  # was a raw TypeError from inside the client
     assert "indices" in str(box["r"])

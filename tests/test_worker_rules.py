@@ -13,7 +13,7 @@ import zmq.asyncio
 
 from rolloutd import protocol as p
 from rolloutd.errors import BadRequest, EngineError, Paused, ShuttingDown, Unsupported
-from rolloutd.results import deltas_from_message, from_batch, from_message
+from rolloutd.results import deltas_from_message, from_finished
 from rolloutd.stopping import SAME_STOP_S
 from rolloutd.worker import Worker
 
@@ -70,10 +70,8 @@ class BrokerEnd:
             self.events.append(("ready", msg))
         elif cmd is p.Cmd.TOKENS:
             self.events.extend(("delta", d) for d in deltas_from_message(msg))
-        elif cmd is p.Cmd.RESULT:
-            self.events.append(("result", from_message(msg)))
-        elif cmd is p.Cmd.RESULTS:
-            self.events.extend(("result", r) for r in from_batch(msg))
+        elif cmd is p.Cmd.FINISHED:
+            self.events.extend(("result", r) for r in from_finished(msg))
         else:
             self.events.append((cmd.name.lower(), msg))
 

@@ -11,14 +11,16 @@ Writes perf/results/roundtrip.json and roundtrip.png.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import msgpack
 import zmq
 
-from common import Daemon, free_port, maybe_plot, percentiles, save
+from common import Daemon, maybe_plot, percentiles, save
 
 ECHO = """
 import sys, msgpack, zmq
@@ -31,7 +33,9 @@ while True:
 
 
 def raw_pyzmq(n: int) -> list[float]:
-    addr = f"tcp://127.0.0.1:{free_port()}"
+    # ipc://, as the daemon's clients and workers use (rolloutd.testing.Daemon): the floor on the same transport
+    folder = tempfile.mkdtemp(prefix="roundtrip-")
+    addr = f"ipc://{folder}/echo"
     srv = subprocess.Popen([sys.executable, "-c", ECHO, addr])
     try:
         s = zmq.Context.instance().socket(zmq.DEALER)
@@ -49,6 +53,7 @@ def raw_pyzmq(n: int) -> list[float]:
         return out[200:]
     finally:
         srv.kill()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def through(client, target: str, n: int) -> list[float]:
@@ -75,8 +80,9 @@ def main() -> None:
         samples["broker_worker"] = through(c, "worker", a.n)
     us = {k: {q: v * 1e6 for q, v in percentiles(xs).items() if q != "n"} for k, xs in samples.items()}
     cdf = {k: [round(x * 1e6, 1) for x in sorted(xs)[:: max(1, len(xs) // 500)]] for k, xs in samples.items()}
-    result = save("roundtrip", {"unit": "microseconds", "n": a.n, "latency_us": us, "target_p50_us": 80,
-                                "cdf_us": cdf}, "python perf/bench_roundtrip.py " + " ".join(sys.argv[1:]))
+    result = save("roundtrip", {"unit": "microseconds", "n": a.n, "transport": "ipc", "latency_us": us,
+                                "target_p50_us": 80, "cdf_us": cdf},
+                  "python perf/bench_roundtrip.py " + " ".join(sys.argv[1:]))
     maybe_plot(plot, result)
 
 

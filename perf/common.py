@@ -5,20 +5,13 @@ import json
 import math
 import os
 import platform
-import signal
 import socket
-import subprocess
-import sys
 import time
+
+from rolloutd import testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "perf", "results")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def freeze_heap() -> None:
@@ -49,33 +42,16 @@ def machine() -> dict:
     return info
 
 
-class Daemon:
-    """`rolloutd up` in its own process group, stopped with SIGTERM on exit."""
+class Daemon(testing.Daemon):
+    """`rolloutd up` for a benchmark (rolloutd.testing.Daemon: ipc:// addresses, log in `log_path` else a
+    temporary folder), its own log at WARNING."""
 
     def __init__(self, model: str, workers: int = 1, extra: tuple = (), log_path: str | None = None):
-        self.front = f"tcp://127.0.0.1:{free_port()}"
-        self.back = f"tcp://127.0.0.1:{free_port()}"
-        self.log = open(log_path or os.devnull, "w")
-        cmd = [sys.executable, "-m", "rolloutd.cli", "--log-level", "WARNING", "up", "--model", model,
-               "--workers", str(workers), "--front", self.front, "--back", self.back, *extra]
         # These benchmarks time requests, not failure detection: on the 2-core VM, whose host stops a
         # process for seconds under vLLM load, a healthy worker must not be expired mid-run.
-        env = {**os.environ, "ROLLOUTD_LIVENESS": os.environ.get("ROLLOUTD_LIVENESS", "30")}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        from rolloutd import Client
-        with Client(self.front) as c:
-            c.wait_for_workers(workers, timeout=600)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
+        env = {"ROLLOUTD_LIVENESS": os.environ.get("ROLLOUTD_LIVENESS", "30")}
+        super().__init__(model, workers=workers, extra=extra, env=env, log_path=log_path, log_level="WARNING",
+                         ready_timeout_s=600, stop_timeout_s=120)
 
 
 def percentiles(xs: list[float]) -> dict:

@@ -130,13 +130,15 @@ def main() -> None:
         sys.exit(serve(sys.argv[2], sys.argv[4], sys.argv[5:]))
     a = ap.parse_args()
 
-    from common import free_port, freeze_heap
+    from common import freeze_heap
     from rolloutd import AsyncClient, Client
     from rolloutd import client as C
     from rolloutd.models import resolve
 
-    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     tmp = tempfile.mkdtemp(prefix="trace-abort-")
+    # Not rolloutd.testing.Daemon: the broker and the worker here are this script, recording (--role). Their
+    # addresses as the Daemon's: ipc:// in a folder of this run, unique by construction.
+    front, back = f"ipc://{tmp}/front", f"ipc://{tmp}/back"
     me = [sys.executable, os.path.abspath(__file__)]
     log = open(os.path.join(tmp, "daemon.log"), "w")
     procs = [
@@ -146,7 +148,7 @@ def main() -> None:
                           "worker", "--broker", back, "--model", resolve(a.model)], stdout=log, stderr=log),
     ]
     record(C.AsyncClient, "_on_readable", "client: read and split")
-    record(C, "from_message", "client: Result built")
+    record(C, "from_finished", "client: Results built")
     record_gc("client")
     from bench_abort import LONG as sampling, prompts as make_prompts  # the benchmark's workload
     prompts = make_prompts(a.inflight)

@@ -1,13 +1,12 @@
 """Shared helpers: a real daemon (`rolloutd up` with real vLLM workers on the tiny model) as a fixture."""
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from rolloutd import testing
 from rolloutd.client import Client
 from rolloutd.models import prepare
 
@@ -28,12 +27,6 @@ MODEL_LEN = LONG + 100
 STATUS_S = 60.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -42,59 +35,18 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
-class Daemon:
-    """`rolloutd up` in a subprocess, with its log in a file."""
+class Daemon(testing.Daemon):
+    """`rolloutd up` on the tiny model with the tests' policy (HEARTBEAT_S, LIVENESS, MODEL_LEN), its log
+    in `log_path`."""
 
     def __init__(self, log_path, workers=2, extra=("--drain-s", "2"), max_model_len=MODEL_LEN):
-        self.front = f"tcp://127.0.0.1:{free_port()}"
-        self.back = f"tcp://127.0.0.1:{free_port()}"
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        cmd = [sys.executable, "-m", "rolloutd.cli", "up", "--model", prepare("tiny"), "--workers", str(workers),
-               "--front", self.front, "--back", self.back, "--heartbeat-s", str(HEARTBEAT_S),
-               "--max-model-len", str(max_model_len), *extra]
-        env = {**os.environ, "ROLLOUTD_LIVENESS": str(LIVENESS)}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        with Client(self.front) as c:
-            try:
-                self.status = c.wait_for_workers(workers, timeout=300)
-            except Exception:
-                self.stop()
-                raise AssertionError("daemon did not come up:\n" + self.tail())
-
-    def tail(self, n=40) -> str:
-        with open(self.log_path) as f:
-            return "".join(f.readlines()[-n:])
-
-    def log_mark(self) -> int:
-        self.log.flush()
-        return os.path.getsize(self.log_path)
-
-    def log_since(self, since: int) -> str:
-        """The daemon's log after log_mark() `since`."""
-        with open(self.log_path, errors="replace") as f:
-            f.seek(since)
-            return f.read()
-
-    def worker_expiries(self, since: int) -> list[str]:
-        """The broker's log lines, after log_mark() `since`, of workers it expired for silence: a healthy
-        worker frozen by the host for longer than the liveness is one, and comes back with READY."""
-        return [line.strip() for line in self.log_since(since).splitlines() if "heartbeats; failing" in line]
+        super().__init__(prepare("tiny"), workers=workers, log_path=log_path,
+                         extra=("--heartbeat-s", str(HEARTBEAT_S), "--max-model-len", str(max_model_len), *extra),
+                         env={"ROLLOUTD_LIVENESS": str(LIVENESS)}, ready_timeout_s=300, stop_timeout_s=90)
 
     def worker_pids(self) -> list[int]:
         with Client(self.front) as c:
             return [w["pid"] for w in c.status(timeout=STATUS_S)["workers"]]
-
-    def stop(self, timeout=90) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")

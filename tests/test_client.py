@@ -5,31 +5,33 @@ import time
 import pytest
 
 from rolloutd import AsyncClient, BadRequest, BrokerUnreachable, Client
-
-from .conftest import free_port
-
-
-def nobody() -> str:
-    return f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+from rolloutd.testing import nothing_listens
 
 
-def test_generate_without_a_broker_raises_broker_unreachable_quickly():
-    with Client(nobody(), timeout=30, connect_timeout=0.5) as c:
+@pytest.fixture(scope="module")
+def nobody():
+    """An address where nothing listens: a port held bound, never listening, while these tests run."""
+    with nothing_listens() as address:
+        yield address
+
+
+def test_generate_without_a_broker_raises_broker_unreachable_quickly(nobody):
+    with Client(nobody, timeout=30, connect_timeout=0.5) as c:
         t0 = time.monotonic()
         with pytest.raises(BrokerUnreachable):
             c.generate([[1, 2, 3]], max_tokens=4)
         assert time.monotonic() - t0 < 5
 
 
-def test_status_without_a_broker_raises_broker_unreachable():
-    with Client(nobody(), connect_timeout=0.5) as c:
+def test_status_without_a_broker_raises_broker_unreachable(nobody):
+    with Client(nobody, connect_timeout=0.5) as c:
         with pytest.raises(BrokerUnreachable):
             c.status(timeout=0.5)
 
 
-def test_async_generate_without_a_broker_raises_broker_unreachable():
+def test_async_generate_without_a_broker_raises_broker_unreachable(nobody):
     async def main():
-        async with AsyncClient(nobody(), timeout=30, connect_timeout=0.5) as c:
+        async with AsyncClient(nobody, timeout=30, connect_timeout=0.5) as c:
             await c.generate([[1, 2, 3]], max_tokens=4)
     with pytest.raises(BrokerUnreachable):
         asyncio.run(main())
@@ -42,14 +44,14 @@ def test_async_generate_without_a_broker_raises_broker_unreachable():
     ([[]], "a prompt is"),
     ([[{"role": "user"}]], "role"),
 ])
-def test_bad_prompts_are_refused_before_sending(prompts, match):
-    with Client(nobody(), connect_timeout=0.5) as c:
+def test_bad_prompts_are_refused_before_sending(prompts, match, nobody):
+    with Client(nobody, connect_timeout=0.5) as c:
         with pytest.raises(BadRequest, match=match):
             c.generate(prompts)
 
 
-def test_bad_sampling_is_refused_before_sending():
-    with Client(nobody(), connect_timeout=0.5) as c:
+def test_bad_sampling_is_refused_before_sending(nobody):
+    with Client(nobody, connect_timeout=0.5) as c:
         with pytest.raises(BadRequest, match="temperature"):
             c.generate([[1]], temperature=-1)
         with pytest.raises(BadRequest, match="2 prompts but 1 request ids"):

@@ -142,7 +142,9 @@ def test_sigkill_one_worker_fails_its_requests_fast_and_the_other_keeps_serving(
         # The killed process's connection drops, and the broker fails its requests at once (not after the
         # heartbeat liveness): within a second, widened only by a freeze of the host seen from outside.
         bound = 1.0 + host.evidence_s
-        assert max(t for _, t in lost.values()) < bound, (lost, str(host), daemon.tail())
+        slowest = max(t for _, t in lost.values())
+        stalls = [line for line in daemon.tail(400).splitlines() if "stalled" in line or "dropped" in line]
+        assert slowest < bound, f"slowest {slowest:.2f} s (bound {bound:.2f}); {host}; daemon: {stalls[-6:]}"
         assert "connection dropped" in daemon.tail(200), daemon.tail()
         assert wait_until(lambda: len(ctl.status(timeout=STATUS_S)["workers"]) == 1, 5)
         # the survivor still holds the other requests: they end with their partial output on abort

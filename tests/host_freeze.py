@@ -1,14 +1,14 @@
-"""Evidence, from outside rolloutd, that the host took this machine's virtual CPUs away during a block.
+"""Evidence, from outside rolloutd, that the machine stopped running its ordinary processes during a block.
 
-On the 2-core CI VMs the host stops a whole virtual CPU for tenths of a second to many seconds at a time
-under vLLM load (perf/results/README.md), and every process on it stalls at once. A test
-that loses a timing race may retry when this happened; it must not believe rolloutd's own processes about
-it, since a rolloutd loop that blocks itself would say "stalled" just the same. So the witnesses are:
-  - a sleeper process pinned to each CPU, sleeping 10 ms at a time and recording how late it wakes
-    (perf/watch_vcpus.py does the same by hand). It runs at real-time priority where allowed, so that
-    nothing in the guest, however busy, keeps it waiting: a late wake-up means its CPU was not running.
-  - the kernel's steal time (/proc/stat), the time the hypervisor ran something else on our CPUs.
-A host freeze shows in both: its CPU's sleeper wakes late by about as much as that CPU's steal time grows.
+On the 2-core CI VMs, under vLLM load, ordinary processes stall for tenths of a second to many seconds at a
+time (perf/results/README.md). A test that loses a timing race may retry when this happened; it must not
+believe rolloutd's own processes about it, since a rolloutd loop that blocks itself would say "stalled" just
+the same. So the witness is a sleeper process pinned to each CPU, at ordinary priority like the processes
+under test, sleeping 10 ms at a time and recording how late it wakes (perf/watch_vcpus.py does the same by
+hand). A process that does nothing but sleep cannot be kept waiting for seconds by anything rolloutd does:
+when it wakes that late, the machine did not run ordinary processes. (Real-time sleepers were tried: they
+woke on time through stalls of 2-7 s that held every ordinary process, so they are blind to these.) The
+kernel's steal time (/proc/stat) is reported beside it; these stalls mostly do not show there.
 """
 from __future__ import annotations
 
@@ -36,10 +36,6 @@ def _sleeper(cpu: int, ready, stop, out, slot: int) -> None:
     """Pinned to `cpu`: until `stop`, sleep TICK_S at a time; out[slot] = the longest oversleep,
     out[slot + 1] = the sum of those of STALL_S or more."""
     os.sched_setaffinity(0, {cpu})
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-    except OSError:
-        pass  # unprivileged: normal priority, where the guest's own load adds milliseconds, not STALL_S
     worst = total = 0.0
     ready.set()
     while not stop.is_set():
@@ -100,10 +96,8 @@ class HostFreezeWatch:
 
     @property
     def evidence_s(self) -> float:
-        """The sleepers' stalls, as far as the kernel's steal time accounts for them: a sleeper late for a
-        reason inside the guest is not the host's doing. Where the hypervisor reports no steal at all, the
-        sleepers' word alone."""
-        return min(self.stalled_s, self.steal_s) if self.steal_counted else self.stalled_s
+        """The sleepers' stalls: the time ordinary processes were not run, seen from outside rolloutd."""
+        return self.stalled_s
 
     def __str__(self) -> str:
         return (f"host freeze evidence {self.evidence_s:.2f} s (sleepers: longest {self.frozen_s:.2f} s, "

@@ -168,6 +168,15 @@ def assert_stream_adds_up(b: BrokerEnd, rid: str) -> None:
     assert "".join(d.text for d in deltas) == result.text
 
 
+async def a_and_s_run_to_their_end(b: BrokerEnd, engine: FakeEngine, steps: int, tokens: int) -> None:
+    """The engine makes `steps` more steps; requests "a" and "s" (a stream) then end with all `tokens` of theirs."""
+    engine.step(steps)
+    got = await b.results_for("a", "s")
+    assert_as_generated(got["a"], engine, "length", tokens)
+    assert_as_generated(got["s"], engine, "length", tokens)
+    assert_stream_adds_up(b, "s")
+
+
 def run(coro) -> None:
     asyncio.run(asyncio.wait_for(coro, 60))
 
@@ -185,11 +194,7 @@ def test_abort_one_returns_its_partial_samples_at_once_and_the_others_run_on():
             # sent straight from vLLM's abort, ahead of the reply
             assert b.at("result", "victim") < b.at("reply", "ab")
             assert_as_generated(b.results()["victim"], engine, "abort", 3)
-            engine.step(7)
-            got = await b.results_for("a", "s")
-            assert_as_generated(got["a"], engine, "length", 10)
-            assert_as_generated(got["s"], engine, "length", 10)
-            assert_stream_adds_up(b, "s")
+            await a_and_s_run_to_their_end(b, engine, 7, 10)
     run(main())
 
 
@@ -290,11 +295,7 @@ def test_pause_keep_freezes_without_clearing_the_cache_and_resume_finishes_every
             assert [c[:3] for c in engine.called("pause")] == [("pause", "keep", False)]
             assert engine.running() == ["a", "s"] and not b.results()
             assert (await b.call(p.Resume(cid="r"))).data == {"paused": False}
-            engine.step(4)
-            got = await b.results_for("a", "s")
-            assert_as_generated(got["a"], engine, "length", 6)
-            assert_as_generated(got["s"], engine, "length", 6)
-            assert_stream_adds_up(b, "s")
+            await a_and_s_run_to_their_end(b, engine, 4, 6)
     run(main())
 
 

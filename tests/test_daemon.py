@@ -16,7 +16,7 @@ from rolloutd import AsyncClient, BadRequest, Client, WorkerLost
 from rolloutd import protocol as p
 from rolloutd.results import Result
 
-from .conftest import (LONG, MODEL_LEN, STATUS_S, HostFreezeWatch, group_alive,
+from .conftest import (HEARTBEAT_S, LIVENESS, LONG, MODEL_LEN, STATUS_S, HostFreezeWatch, group_alive,
                        inprocess_greedy, wait_until)
 
 pytestmark = pytest.mark.slow
@@ -137,15 +137,19 @@ def test_sigkill_one_worker_fails_its_requests_fast_and_the_other_keeps_serving(
                 assert got is not None, "a request hung after its worker died"
                 for m in got:
                     assert getattr(m, "CMD", None) is p.Cmd.ERROR, m  # nothing here finishes on its own
-                    lost[m.rid] = (m.code, time.monotonic() - t0)
-        assert all(code == WorkerLost.code for code, _ in lost.values())
+                    lost[m.rid] = (m.code, time.monotonic() - t0, m.message)
+        assert all(code == WorkerLost.code for code, *_ in lost.values())
+        if any("heartbeats" in why for *_, why in lost.values()):
+            # expired for silence, not dropped: the kill came after a stall had taken the worker away already
+            assert host.evidence_s >= HEARTBEAT_S * LIVENESS / 2, (lost, str(host))
+            pytest.skip(f"a machine stall expired the worker before the kill could be timed ({host})")
+        assert all("connection dropped" in why for *_, why in lost.values()), lost
         # The killed process's connection drops, and the broker fails its requests at once (not after the
         # heartbeat liveness): within a second, widened only by a freeze of the host seen from outside.
         bound = 1.0 + host.evidence_s
-        slowest = max(t for _, t in lost.values())
+        slowest = max(t for _, t, _ in lost.values())
         stalls = [line for line in daemon.tail(400).splitlines() if "stalled" in line or "dropped" in line]
         assert slowest < bound, f"slowest {slowest:.2f} s (bound {bound:.2f}); {host}; daemon: {stalls[-6:]}"
-        assert "connection dropped" in daemon.tail(200), daemon.tail()
         assert wait_until(lambda: len(ctl.status(timeout=STATUS_S)["workers"]) == 1, 5)
         # the survivor still holds the other requests: they end with their partial output on abort
         assert ctl.abort_all().ok

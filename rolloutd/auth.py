@@ -60,9 +60,6 @@ FRONT_DOMAIN = "rolloutd-front"  # ZAP domain of the broker's client socket
 BACK_DOMAIN = "rolloutd-back"  # ZAP domain of the broker's worker socket
 ENV = "ROLLOUTD_KEYS"  # environment variable naming the keys folder
 
-# pyzmq's thread-backed ZAP handler, as is: start_authenticator configures and starts one.
-Authenticator = ThreadAuthenticator
-
 _ROLES = ("client", "worker")
 _ALLOWLIST = {FRONT_DOMAIN: "clients", BACK_DOMAIN: "workers"}  # domain -> folder of allowed public keys
 # The authenticator running on each context, so that make_server can tell a socket nobody guards.

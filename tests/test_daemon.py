@@ -121,14 +121,16 @@ def test_garbage_to_the_live_broker_gets_an_error_and_serving_goes_on(daemon):
 
 def test_sigkill_one_worker_fails_its_requests_fast_and_the_other_keeps_serving(daemon):
     with Client(daemon.front, timeout=120) as c, Client(daemon.front, timeout=30) as ctl:
-        rids = [f"kill-{i}" for i in range(8)]
-        # LONG tokens: every request is still running when the kill lands, however fast the machine
-        for m in c._generate_msgs(prompts(8), rids, False, {"max_tokens": LONG, "ignore_eos": True}, 600.0):
-            c._send(m, time.monotonic() + 30)
-        assert wait_until(lambda: all(w["inflight"] for w in ctl.status(timeout=STATUS_S)["workers"]), 30)
-        held = ctl.status(timeout=STATUS_S)["workers"][0]
-        victim = held["pid"]
+        # The witness watches from before the requests go out: a stall that expires a worker for silence
+        # can come at any moment before the kill, and must be seen to excuse that expiry.
         with HostFreezeWatch() as host:
+            rids = [f"kill-{i}" for i in range(8)]
+            # LONG tokens: every request is still running when the kill lands, however fast the machine
+            for m in c._generate_msgs(prompts(8), rids, False, {"max_tokens": LONG, "ignore_eos": True}, 600.0):
+                c._send(m, time.monotonic() + 30)
+            assert wait_until(lambda: all(w["inflight"] for w in ctl.status(timeout=STATUS_S)["workers"]), 30)
+            held = ctl.status(timeout=STATUS_S)["workers"][0]
+            victim = held["pid"]
             os.kill(victim, signal.SIGKILL)
             t0 = time.monotonic()
             lost = {}

@@ -32,8 +32,9 @@ C = p.Cmd
 WORKER_CMDS = {C.READY: 12, C.HEARTBEAT: 12, C.DISCONNECT: 3, C.TOKENS: 10, C.FINISHED: 35, C.REPLY: 10,
                C.ERROR: 8}
 CLIENT_CMDS = {C.GENERATE: 40, C.ABORT: 12, C.ABORT_ALL: 2, C.STATUS: 8, C.PING: 12, C.PAUSE: 4, C.RESUME: 4,
-               C.SLEEP: 3, C.WAKE: 3, C.LOAD_WEIGHTS: 4}
-CONTROL_CMDS = (C.ABORT, C.ABORT_ALL, C.PAUSE, C.RESUME, C.SLEEP, C.WAKE, C.LOAD_WEIGHTS, C.PING)
+               C.SLEEP: 3, C.WAKE: 3, C.LOAD_WEIGHTS: 4, C.WEIGHTS_BUCKET: 3, C.WEIGHTS_END: 2}
+CONTROL_CMDS = (C.ABORT, C.ABORT_ALL, C.PAUSE, C.RESUME, C.SLEEP, C.WAKE, C.LOAD_WEIGHTS, C.WEIGHTS_BUCKET,
+                C.WEIGHTS_END, C.PING)
 
 # How often each kind of message is sent (relative weights).
 KINDS = {
@@ -285,8 +286,16 @@ class Fuzzer:
             return p.Sleep(cid=cid, level=r.choice([1, 2]))
         if cmd is C.WAKE:
             return p.Wake(cid=cid, tags=r.choice([[], ["weights"], ["kv_cache"]]))
+        workers = r.choice([[], ["fz-w0"], ["nobody"]])
         if cmd is C.LOAD_WEIGHTS:
-            return p.LoadWeights(cid=cid, version=r.randint(0, 9), source="path", spec={"path": "/nonexistent"})
+            return p.LoadWeights(cid=cid, update=self.new_id("u-"), version=r.randint(0, 9), source="path",
+                                 path="/nonexistent", workers=workers)
+        if cmd is C.WEIGHTS_BUCKET:
+            return p.WeightsBucket(cid=cid, update=self.new_id("u-"), index=r.randint(0, 3), workers=workers,
+                                   buffer={"host": {"kind": "shm", "id": "1-x", "name": "rolloutd-x", "size": 256}},
+                                   tensors=[["w", "bfloat16", [8, 8], 0]])
+        if cmd is C.WEIGHTS_END:
+            return p.WeightsEnd(cid=cid, update=self.new_id("u-"), commit=r.random() < 0.5, workers=workers)
         raise AssertionError(cmd)
 
     # --- the stream

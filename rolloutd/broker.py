@@ -58,7 +58,8 @@ _LOG_WINDOW_S = 10.0
 _LOG_PER_WINDOW = 5
 
 # Commands the broker sends to every worker and answers with one aggregated reply.
-_FANOUT = (p.Cmd.ABORT_ALL, p.Cmd.PAUSE, p.Cmd.RESUME, p.Cmd.SLEEP, p.Cmd.WAKE, p.Cmd.LOAD_WEIGHTS)
+_FANOUT = (p.Cmd.ABORT_ALL, p.Cmd.PAUSE, p.Cmd.RESUME, p.Cmd.SLEEP, p.Cmd.WAKE, p.Cmd.LOAD_WEIGHTS,
+           p.Cmd.WEIGHTS_BUCKET, p.Cmd.WEIGHTS_END)
 
 
 @dataclass
@@ -303,7 +304,7 @@ class Broker:
             for ident in c.waiting:
                 c.workers[self._worker_name(ident)] = {
                     "ok": False, "error": RequestTimeout.code,
-                    "message": f"no answer within {self.control_timeout_s:g} s"}
+                    "message": "no answer in time"}
             c.ok, c.waiting = False, set()
             self._finish_control(c)
         self._expire_requests(now)
@@ -347,7 +348,7 @@ class Broker:
         elif cmd in _FANOUT:
             if cmd is p.Cmd.ABORT_ALL:
                 self._abort_pending(list(self.pending))
-            self._fan_out(client, msg, list(self.workers))
+            self._fan_out(client, msg)
         elif cmd is p.Cmd.STATUS:
             self._to_client(client, p.Reply(cid=msg.cid, data=self.status()))
         elif cmd is p.Cmd.PING:
@@ -423,15 +424,31 @@ class Broker:
         c.passthrough = True
         self._to_worker(w.ident, dataclasses.replace(msg, cid=c.bcid))
 
-    def _fan_out(self, client: bytes, msg: p.Message, idents: list[bytes]) -> None:
-        c = self._open_control(client, msg.cid, set(idents))
+    def _fan_out(self, client: bytes, msg: p.Message) -> None:
+        """To every worker, or to those the message names (weight updates); a named worker that is not
+        registered fails in the reply. The message is forwarded as it is, but for the broker's own cid:
+        its bulk data (a weight bucket's tensors) never passes here, only handles."""
+        named = getattr(msg, "workers", None)
+        if named:
+            by_name = {w.name: w.ident for w in self.workers.values()}
+            idents = [by_name[n] for n in named if n in by_name]
+        else:
+            idents = list(self.workers)
+        c = self._open_control(client, msg.cid, set(idents), getattr(msg, "timeout_s", None))
+        for n in named or ():
+            if n not in by_name:
+                c.ok = False
+                c.workers[n] = {"ok": False, "error": WorkerLost.code, "message": f"no registered worker named {n}"}
         frames = p.encode(dataclasses.replace(msg, cid=c.bcid))
         for ident in idents:
             self.back.send_multipart([ident, *frames])
         self._maybe_finish(c)
 
-    def _open_control(self, client: bytes, cid: str, idents: set) -> Control:
-        c = Control(client, cid, idents, time.monotonic() + self.control_timeout_s, bcid=f"b{next(self._cids)}")
+    def _open_control(self, client: bytes, cid: str, idents: set, timeout_s: float | None = None) -> Control:
+        """timeout_s: how long workers may take to answer, when the caller said (weight updates), else the
+        broker's control timeout."""
+        wait = self.control_timeout_s if timeout_s is None else timeout_s + 1.0
+        c = Control(client, cid, idents, time.monotonic() + wait, bcid=f"b{next(self._cids)}")
         self.controls[c.bcid] = c
         return c
 
@@ -440,7 +457,7 @@ class Broker:
             "workers": [{
                 "id": w.name, "model": w.ready.model, "devices": w.ready.devices, "inflight": w.load,
                 "capacity": w.ready.capacity, "weight_version": w.ready.weight_version, "pid": w.ready.pid,
-                "engine": w.ready.engine,
+                "engine": w.ready.engine, "host": w.ready.host, "transports": w.ready.transports,
             } for w in self.workers.values()],
             "pending": len(self.pending),
             "requests": len(self.requests),

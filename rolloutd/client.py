@@ -32,7 +32,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import auth, config, sockets
+from . import auth, config, sockets, weights
 from . import protocol as p
 from .errors import BadRequest, BrokerUnreachable, ProtocolError, RequestTimeout, RolloutdError, from_code
 from .results import Delta, Reply, Result, deltas_from_message, from_finished, reply_from_message
@@ -62,11 +62,15 @@ class _Base:
         self.sock.connect(address)
         self._prefix = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}-"
         self._count = itertools.count()
+        self._staging: dict[str, weights.Staging] = {}  # device -> this client's two weight buffers there
 
     def new_id(self) -> str:
         return self._prefix + str(next(self._count))
 
     def _close_sockets(self) -> None:
+        for st in self._staging.values():
+            st.close()
+        self._staging.clear()
         self.sock.disable_monitor()
         self.events.close(0)
         self.sock.close(0)
@@ -109,6 +113,22 @@ class _Base:
             rid = request_ids[i] if request_ids is not None else self.new_id()
             msgs.append(_generate_msg(rid, prompt, sampling, stream, timeout_s))
         return msgs
+
+    def _update_flow(self, named_tensors, version: int, status: dict, deadline: float, *, bucket_bytes: int,
+                     pause: str, atomic: bool, wake: bool, workers):
+        named = weights.named_list(named_tensors)
+        device = named[0][1].device
+        staging = self._staging.get(str(device))
+        if staging is None:
+            staging = self._staging[str(device)] = weights.Staging(device)
+        to = weights.targets(status, staging.key, workers)
+        return weights.steps(named, version, staging, to, self.new_id, bucket_bytes=bucket_bytes, pause=pause,
+                             atomic=atomic, wake=wake, timeout_s=max(1.0, deadline - time.monotonic()))
+
+    def _path_msg(self, path: str, version: int, deadline: float, *, pause: str, wake: bool, workers) -> p.LoadWeights:
+        return p.LoadWeights(cid=self.new_id(), update=uuid.uuid4().hex[:16], version=version, source="path",
+                             path=os.path.abspath(path), workers=list(workers or []), pause=pause, wake=wake,
+                             timeout_s=max(1.0, deadline - time.monotonic()))
 
     def _timeout(self, timeout: float | None) -> float:
         t = self.timeout if timeout is None else timeout
@@ -335,6 +355,66 @@ class Client(_Base):
     def wake_up(self, tags: Sequence[str] = (), timeout: float | None = None) -> Reply:
         """Wake every worker; tags ("weights", "kv_cache") pick what comes back first, none means all."""
         return self._call(p.Wake(cid=self.new_id(), tags=list(tags)), timeout)
+
+    # ------------------------------------------------------------------------------------------ weights
+
+    def update_weights(self, named_tensors, version: int, *, bucket_bytes: int = weights.DEFAULT_BUCKET_BYTES,
+                       pause: str = "wait", atomic: bool = True, wake: bool = False, workers=None,
+                       timeout: float | None = None) -> dict:
+        """Hand new weights to the workers beside this process and have them serve them as `version`.
+
+        named_tensors: a dict or (name, tensor) pairs (model.named_parameters() works), all on one device,
+        named as in the HF checkpoint. Tensors on a GPU go to the workers on that GPU by CUDA IPC; tensors
+        in CPU memory to the workers on this host by shared memory. Nothing is copied through the broker.
+        pause: how generation pauses meanwhile ("wait": let requests finish; "abort"; "keep": freeze them).
+        atomic: workers keep the new tensors aside until the set is whole, so a failure leaves the old
+        weights serving; False loads each bucket straight in (faster, no extra memory), and a failure
+        part-way leaves those workers refusing requests (WeightsIncomplete) until a complete update lands.
+        wake: a sleeping worker wakes first (else the update fails with Paused). workers: worker names, if
+        not every reachable one. Returns {worker: what it reported}. Raises the typed error of the first
+        failure (BadRequest for tensors the model does not have as sent, WorkerLost, RequestTimeout...),
+        after every worker has dropped the update."""
+        deadline = self._start(timeout)
+        flow = self._update_flow(named_tensors, version, self.status(), deadline, bucket_bytes=bucket_bytes,
+                                 pause=pause, atomic=atomic, wake=wake, workers=workers)
+        return self._drive(flow, deadline)
+
+    def load_weights_from_path(self, path: str, version: int, *, pause: str = "wait", wake: bool = False,
+                               workers=None, timeout: float | None = None) -> Reply:
+        """Every worker (or those named) loads a HF safetensors folder from its own disk, as `version`."""
+        deadline = self._start(timeout)
+        msg = self._path_msg(path, version, deadline, pause=pause, wake=wake, workers=workers)
+        self._send(msg, deadline)
+        return _reply(weights.check(self._answer(msg.cid, deadline, {}), "load from path"))
+
+    def _answer(self, cid: str, deadline: float, early: dict):
+        """The reply for cid (replies for other cids that come first wait in `early`)."""
+        while cid not in early:
+            got = self._recv(deadline)
+            if got is None:
+                raise RequestTimeout("a weight update step got no answer in time")
+            for m in got:
+                if not isinstance(m, Result) and getattr(m, "cid", None):
+                    early[m.cid] = m
+        return early.pop(cid)
+
+    def _drive(self, flow, deadline: float):
+        """Run a weights.steps flow: send its messages, answer its waits; errors go back into it."""
+        early: dict = {}
+        answer = None
+        while True:
+            try:
+                step = flow.throw(answer) if isinstance(answer, BaseException) else flow.send(answer)
+            except StopIteration as stop:
+                return stop.value
+            answer = None
+            try:
+                if isinstance(step, weights.Send):
+                    self._send(step.msg, deadline)
+                else:
+                    answer = self._answer(step.cid, deadline if not step.quiet else max(deadline, time.monotonic() + 5), early)
+            except RolloutdError as e:
+                answer = None if getattr(step, "quiet", False) else e
 
     def wait_for_workers(self, count: int, timeout: float = 300.0) -> dict:
         """Block until at least `count` workers are registered (engines take a while to start)."""
@@ -582,3 +662,54 @@ class AsyncClient(_Base):
 
     async def wake_up(self, tags: Sequence[str] = (), timeout: float | None = None) -> Reply:
         return await self._call(p.Wake(cid=self.new_id(), tags=list(tags)), timeout)
+
+    async def update_weights(self, named_tensors, version: int, *, bucket_bytes: int = weights.DEFAULT_BUCKET_BYTES,
+                             pause: str = "wait", atomic: bool = True, wake: bool = False, workers=None,
+                             timeout: float | None = None) -> dict:
+        """As Client.update_weights."""
+        deadline = self._deadline(timeout)
+        flow = self._update_flow(named_tensors, version, await self.status(), deadline, bucket_bytes=bucket_bytes,
+                                 pause=pause, atomic=atomic, wake=wake, workers=workers)
+        loop = asyncio.get_running_loop()
+        futures: dict[str, asyncio.Future] = {}
+        answer = None
+        try:
+            while True:
+                try:
+                    step = flow.throw(answer) if isinstance(answer, BaseException) else flow.send(answer)
+                except StopIteration as stop:
+                    return stop.value
+                answer = None
+                try:
+                    if isinstance(step, weights.Send):
+                        # waited for from now, so that an answer coming before the Wait is not missed
+                        futures[step.msg.cid] = self._waiters[step.msg.cid] = loop.create_future()
+                        await self._send(step.msg, deadline)
+                    else:
+                        fut = futures.pop(step.cid)
+                        until = max(deadline, time.monotonic() + 5) if step.quiet else deadline
+                        await asyncio.wait([fut], timeout=max(0.0, until - time.monotonic()))
+                        self._waiters.pop(step.cid, None)
+                        if not fut.done():
+                            raise RequestTimeout("a weight update step got no answer in time")
+                        answer = fut.result()
+                except RolloutdError as e:
+                    answer = None if getattr(step, "quiet", False) else e
+        finally:
+            for cid in futures:
+                self._waiters.pop(cid, None)
+
+    async def load_weights_from_path(self, path: str, version: int, *, pause: str = "wait", wake: bool = False,
+                                     workers=None, timeout: float | None = None) -> Reply:
+        """As Client.load_weights_from_path."""
+        deadline = self._deadline(timeout)
+        msg = self._path_msg(path, version, deadline, pause=pause, wake=wake, workers=workers)
+        fut = self._waiters[msg.cid] = asyncio.get_running_loop().create_future()
+        try:
+            await self._send(msg, deadline)
+            await asyncio.wait([fut], timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            self._waiters.pop(msg.cid, None)
+        if not fut.done():
+            raise RequestTimeout("load_weights_from_path got no answer in time")
+        return _reply(weights.check(fut.result(), "load from path"))

@@ -85,6 +85,13 @@ class InsecureBind(RolloutdError):
     code = "insecure"
 
 
+class WeightsIncomplete(RolloutdError):
+    """A weight update failed part-way on this worker (atomic=False): it serves nothing until a complete
+    update lands, rather than a model that is half old and half new."""
+
+    code = "weights_incomplete"
+
+
 class InternalError(RolloutdError):
     """A bug in rolloutd; the message says where."""
 
@@ -93,7 +100,7 @@ class InternalError(RolloutdError):
 
 _BY_CODE = {cls.code: cls for cls in (
     ProtocolError, BadRequest, Busy, WorkerLost, RequestTimeout, BrokerUnreachable, Unsupported,
-    EngineError, Paused, ShuttingDown, InsecureBind, InternalError)}
+    EngineError, Paused, ShuttingDown, InsecureBind, WeightsIncomplete, InternalError)}
 
 
 def from_code(code: str, message: str, request_id: str | None = None) -> RolloutdError:

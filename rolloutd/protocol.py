@@ -52,6 +52,12 @@ DEFAULT_TIMEOUT_S = 3600.0
 PAUSE_MODES = ("abort", "wait", "keep")
 WAKE_TAGS = ("weights", "kv_cache")
 WEIGHT_SOURCES = ("path", "cuda_ipc", "shm")
+# Tensor dtypes a weight update may carry, by torch's names.
+DTYPES = ("bfloat16", "float16", "float32", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "uint8", "int16",
+          "int32", "int64", "bool")
+MAX_TENSORS = 1 << 16  # in one update's manifest, and in one bucket
+MAX_TENSOR_NAME = 1024
+MAX_DIMS = 8
 
 TOKEN_DTYPE = np.dtype("<i4")
 LOGPROB_DTYPE = np.dtype("<f4")
@@ -68,12 +74,14 @@ class Cmd(IntEnum):
     FINISHED = 12
     ABORT = 13
     ABORT_ALL = 14
-    # engine state, fanned out to every worker
+    # engine state, fanned out to every worker (or, for weights, to the workers named)
     LOAD_WEIGHTS = 20
     SLEEP = 21
     WAKE = 22
     PAUSE = 23
     RESUME = 24
+    WEIGHTS_BUCKET = 25
+    WEIGHTS_END = 26
     # queries
     STATUS = 30
     PING = 31
@@ -135,6 +143,7 @@ class Ready(Message):
     transports: list[str] = rule(lambda v: set(v) <= set(WEIGHT_SOURCES), f"a subset of {WEIGHT_SOURCES}")
     pid: int = rule(*COUNT)
     engine: dict  # {"vllm": "0.32.0", "tensor_parallel_size": 1, ...}
+    host: str = rule(lambda v: len(v) <= 255, "at most 255 characters", default="")  # shared memory reaches only it
 
 
 @dataclass
@@ -354,18 +363,78 @@ class AbortAll(Message):
 
 # ------------------------------------------------------------------------------------------ engine state
 
+def _tensor_entry(with_offset: bool):
+    """[name, dtype, shape] (a manifest entry), or [name, dtype, shape, offset] (a tensor in a bucket)."""
+    def ok(v) -> bool:
+        if not isinstance(v, list) or len(v) != (4 if with_offset else 3):
+            return False
+        name, dtype, shape = v[:3]
+        return (isinstance(name, str) and 0 < len(name) <= MAX_TENSOR_NAME and dtype in DTYPES
+                and isinstance(shape, list) and len(shape) <= MAX_DIMS
+                and all(type(d) is int and 0 <= d < 1 << 40 for d in shape)
+                and (not with_offset or (type(v[3]) is int and 0 <= v[3] < 1 << 48)))
+    return lambda v: len(v) <= MAX_TENSORS and all(ok(x) for x in v)
+
+
+TENSORS = f"up to {MAX_TENSORS} entries [name, dtype, shape]"
+TIMEOUT = (lambda v: 0 < v <= MAX_TIMEOUT_S, f"seconds in (0, {MAX_TIMEOUT_S:.0f}]")
+
+
 @dataclass
 class LoadWeights(Message):
-    """Client -> broker -> every worker: take new weights and serve them as `version`.
+    """Client -> broker -> workers (`workers` names them; empty: every worker): begin weight update `update`,
+    to be served as `version`.
 
-    `source` says how they travel ("path": a checkpoint folder on the worker's disk; "cuda_ipc" and
-    "shm": buffers shared by a colocated trainer, described in `spec` as plain fields).
+    source "path": `path` is a HF safetensors folder on the workers' disk, loaded in this one step.
+    source "cuda_ipc" / "shm": `manifest` lists every tensor that will come as [name, dtype, shape]; each
+    worker checks it against its model before anything is loaded, the tensors follow in WeightsBucket
+    messages, and WeightsEnd commits or drops them. While the update runs, generation is paused (`pause`
+    is the pause mode). `atomic`: the worker keeps the new tensors aside until the set is whole, so the
+    old weights serve on if the update fails; otherwise buckets load straight into the model, and a
+    failure part-way leaves the worker refusing requests until a complete update lands. A worker that
+    hears nothing of the update for `timeout_s` drops it.
     """
     CMD = Cmd.LOAD_WEIGHTS
     cid: str = rule(_is_id, ID)
+    update: str = rule(_is_id, ID)
     version: int = rule(lambda v: 0 <= v < 1 << 63, "an integer >= 0")
     source: str = rule(lambda v: v in WEIGHT_SOURCES, f"one of {WEIGHT_SOURCES}")
-    spec: dict = field(default_factory=dict)
+    workers: list[str] = rule(_ids(1024), "up to 1024 worker names", default_factory=list)
+    path: str = rule(lambda v: len(v) <= 4096, "at most 4096 characters", default="")
+    manifest: list = rule(_tensor_entry(False), TENSORS, default_factory=list)
+    pause: str = rule(lambda v: v in PAUSE_MODES, f"one of {PAUSE_MODES}", default="wait")
+    wake: bool = False  # a sleeping worker wakes first (else it refuses the update)
+    atomic: bool = True
+    timeout_s: float = rule(*TIMEOUT, default=120.0)
+
+
+@dataclass
+class WeightsBucket(Message):
+    """Client -> broker -> workers: the next bucket of update `update`. `buffer` maps a device (a GPU UUID,
+    or "host" for shared memory) to the handle of the staging buffer that holds the bucket there, as plain
+    fields (see rolloutd.weights); `tensors` says where each tensor lies in it ([name, dtype, shape, byte
+    offset]). Each engine rank reads the buffer of its own device; the worker answers once the bucket is
+    loaded and nothing reads the buffer any more, so the trainer may refill it."""
+    CMD = Cmd.WEIGHTS_BUCKET
+    cid: str = rule(_is_id, ID)
+    update: str = rule(_is_id, ID)
+    index: int = rule(*COUNT)
+    buffer: dict = rule(lambda v: 0 < len(v) <= 64 and all(isinstance(k, str) and _is_id(k) and isinstance(h, dict)
+                                                          for k, h in v.items()), "a map of 1..64 device -> handle")
+    tensors: list = rule(_tensor_entry(True), TENSORS)
+    workers: list[str] = rule(_ids(1024), "up to 1024 worker names", default_factory=list)
+    timeout_s: float = rule(*TIMEOUT, default=120.0)
+
+
+@dataclass
+class WeightsEnd(Message):
+    """Client -> broker -> workers: commit update `update` (serve it from now on) or drop it."""
+    CMD = Cmd.WEIGHTS_END
+    cid: str = rule(_is_id, ID)
+    update: str = rule(_is_id, ID)
+    commit: bool
+    workers: list[str] = rule(_ids(1024), "up to 1024 worker names", default_factory=list)
+    timeout_s: float = rule(*TIMEOUT, default=120.0)
 
 
 @dataclass
@@ -554,12 +623,13 @@ def _show(v) -> str:
 
 
 # Which commands each hop takes: decode refuses the rest before unpacking anything.
-CLIENT_TO_BROKER = frozenset({Cmd.GENERATE, Cmd.ABORT, Cmd.ABORT_ALL, Cmd.LOAD_WEIGHTS, Cmd.SLEEP, Cmd.WAKE,
-                              Cmd.PAUSE, Cmd.RESUME, Cmd.STATUS, Cmd.PING})
+CLIENT_TO_BROKER = frozenset({Cmd.GENERATE, Cmd.ABORT, Cmd.ABORT_ALL, Cmd.LOAD_WEIGHTS, Cmd.WEIGHTS_BUCKET,
+                              Cmd.WEIGHTS_END, Cmd.SLEEP, Cmd.WAKE, Cmd.PAUSE, Cmd.RESUME, Cmd.STATUS, Cmd.PING})
 WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.TOKENS, Cmd.FINISHED, Cmd.REPLY,
                               Cmd.ERROR})
 BROKER_TO_WORKER = frozenset({Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.GENERATE, Cmd.ABORT, Cmd.ABORT_ALL,
-                              Cmd.LOAD_WEIGHTS, Cmd.SLEEP, Cmd.WAKE, Cmd.PAUSE, Cmd.RESUME, Cmd.PING})
+                              Cmd.LOAD_WEIGHTS, Cmd.WEIGHTS_BUCKET, Cmd.WEIGHTS_END, Cmd.SLEEP, Cmd.WAKE,
+                              Cmd.PAUSE, Cmd.RESUME, Cmd.PING})
 BROKER_TO_CLIENT = frozenset({Cmd.TOKENS, Cmd.FINISHED, Cmd.REPLY, Cmd.ERROR})
 ANY = frozenset(Cmd)
 

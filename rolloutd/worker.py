@@ -27,8 +27,9 @@ import zmq
 from . import auth, config, sockets
 from . import engine as eng
 from . import protocol as p
-from .errors import BadRequest, EngineError, Paused, RolloutdError, ShuttingDown, Unsupported
+from .errors import BadRequest, EngineError, Paused, RolloutdError, ShuttingDown, Unsupported, WeightsIncomplete
 from .stopping import Stop, StopRequests
+from .weight_updates import WeightUpdates
 
 log = logging.getLogger("rolloutd.worker")
 
@@ -109,6 +110,7 @@ class Worker:
         self._outbox: list[tuple] = []  # requests finished in this event-loop turn, sent together after it
         self._outbox_bytes = 0
         self._bye: asyncio.Event | None = None  # set when the broker has read all we sent (see _goodbye)
+        self.updates = WeightUpdates(self)
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
@@ -222,8 +224,10 @@ class Worker:
         return p.Heartbeat(inflight=len(self.jobs), stopping=bool(self._stopping))
 
     def _ready(self) -> p.Ready:
+        on_gpu = any(d.startswith("GPU-") for d in self.devices)
         return p.Ready(worker=self.id, model=self.model, devices=self.devices, capacity=self.capacity,
-                       weight_version=self.weight_version, transports=[], pid=os.getpid(),  # no weight loading yet
+                       weight_version=self.weight_version, transports=["path", "shm"] + ["cuda_ipc"] * on_gpu,
+                       pid=os.getpid(), host=socket.gethostname(),
                        engine={"vllm": eng.vllm_version(),
                                "tensor_parallel_size": self.engine.vllm_config.parallel_config.tensor_parallel_size})
 
@@ -291,6 +295,9 @@ class Worker:
             return Paused(f"worker {self.id} is asleep (level {self.sleeping}); wake it first")
         if self.paused and self.refuse_while_paused:
             return Paused(f"worker {self.id} is paused and refuses new requests until resume")
+        if self.updates.incomplete:
+            return WeightsIncomplete(f"worker {self.id}: a weight update failed part-way; it serves again once a "
+                                     "complete update lands")
         return None  # while paused without refusing, vLLM holds new requests until resume
 
     async def _control(self, msg) -> None:
@@ -316,12 +323,15 @@ class Worker:
             await self._abort(rids)
             return {"aborted": len(rids)}
         if cmd is p.Cmd.PAUSE:
-            return await self._pause(msg.mode, msg.refuse)
+            return await self.pause(msg.mode, msg.refuse)
         if cmd is p.Cmd.RESUME:
-            if self.paused and self._engine_paused:
-                await self.engine.resume_generation()
-            self.paused, self.refuse_while_paused, self._engine_paused = None, False, False
-            return {"paused": False}
+            return await self.resume()
+        if cmd is p.Cmd.LOAD_WEIGHTS:
+            return await self.updates.begin(msg)
+        if cmd is p.Cmd.WEIGHTS_BUCKET:
+            return await self.updates.bucket(msg)
+        if cmd is p.Cmd.WEIGHTS_END:
+            return await self.updates.end(msg)
         if cmd is p.Cmd.SLEEP:
             return await self._sleep(msg.level)
         if cmd is p.Cmd.WAKE:
@@ -333,7 +343,13 @@ class Worker:
             return {"sleeping": self.sleeping, "tags": msg.tags or ["weights", "kv_cache"]}
         raise Unsupported(f"{type(msg).__name__} is not implemented by this worker yet")
 
-    async def _pause(self, mode: str, refuse: bool) -> dict:
+    async def resume(self) -> dict:
+        if self.paused and self._engine_paused:
+            await self.engine.resume_generation()
+        self.paused, self.refuse_while_paused, self._engine_paused = None, False, False
+        return {"paused": False}
+
+    async def pause(self, mode: str, refuse: bool) -> dict:
         inflight = len(self.jobs)
         if hasattr(self.engine, "pause_generation"):
             # vLLM does the mode's work in its scheduler: abort, drain, or freeze what it holds; requests

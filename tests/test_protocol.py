@@ -55,10 +55,41 @@ def test_control_messages_roundtrip():
                 p.Wake(cid="c", tags=["weights"]), p.Pause(cid="c", mode="keep"), p.Resume(cid="c"),
                 p.Status(cid="c"), p.Ping(cid="c", target="broker"), p.Reply(cid="c", data={"x": [1]}),
                 p.Error(code="busy", message="full", rid="r"), p.Heartbeat(inflight=3), p.Disconnect(reason="x"),
-                p.LoadWeights(cid="c", version=2, source="path", spec={"path": "/x"}),
+                p.LoadWeights(cid="c", update="u", version=2, source="path", path="/x"),
+                p.LoadWeights(cid="c", update="u", version=2, source="shm", workers=["w0"], pause="abort",
+                              manifest=[["a.weight", "bfloat16", [4, 8]], ["b", "int64", []]], atomic=False),
+                p.WeightsBucket(cid="c", update="u", index=1, buffer={"host": {"kind": "shm", "id": "1-a"}},
+                                tensors=[["a.weight", "bfloat16", [4, 8], 256]]),
+                p.WeightsEnd(cid="c", update="u", commit=True, workers=["w0", "w1"]),
                 p.Ready(worker="w", model="m", devices=["cpu"], capacity=8, weight_version=0,
-                        transports=["path"], pid=1, engine={"vllm": "0.32.0"})]:
+                        transports=["path"], pid=1, engine={"vllm": "0.32.0"}, host="h")]:
         assert roundtrip(msg) == msg
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(manifest=[["a", "complex64", [1]]]), "manifest"),  # a dtype that is not carried
+    (dict(manifest=[["a", "bfloat16", [-1]]]), "manifest"),
+    (dict(manifest=[["a", "bfloat16", [1] * 9]]), "manifest"),  # too many dimensions
+    (dict(manifest=[["", "bfloat16", [1]]]), "manifest"),
+    (dict(manifest=[["a", "bfloat16"]]), "manifest"),
+    (dict(version=-1), "version"),
+    (dict(timeout_s=0), "timeout_s"),
+    (dict(pause="later"), "pause"),
+    (dict(workers=[""]), "workers"),
+])
+def test_weight_update_fields_are_checked(bad, field):
+    good = dict(cid="c", update="u", version=1, source="shm")
+    with pytest.raises(ProtocolError, match=f"LoadWeights.{field} must be"):
+        p.decode(p.encode(p.LoadWeights(**{**good, **bad})), p.ANY)
+
+
+def test_a_bucket_needs_a_buffer_and_offsets():
+    good = dict(cid="c", update="u", index=0, buffer={"host": {}}, tensors=[["a", "bfloat16", [2], 0]])
+    for bad, field in [(dict(buffer={}), "buffer"), (dict(buffer={"host": 3}), "buffer"),
+                       (dict(tensors=[["a", "bfloat16", [2]]]), "tensors"),
+                       (dict(tensors=[["a", "bfloat16", [2], -256]]), "tensors")]:
+        with pytest.raises(ProtocolError, match=f"WeightsBucket.{field} must be"):
+            p.decode(p.encode(p.WeightsBucket(**{**good, **bad})), p.ANY)
 
 
 def test_wrong_tag_is_named():

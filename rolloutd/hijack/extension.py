@@ -2,8 +2,19 @@
 
 Methods here are called through `AsyncLLM.collective_rpc(name)` and run once per engine rank, next to
 the model's tensors. Their names carry a `rolloutd_` prefix so they cannot shadow a vLLM worker method.
+The weight methods answer {"error": code, "message": text} for input they refuse (receive.Refused), so
+that the worker can tell a trainer's mistake from an engine failure.
 """
 from __future__ import annotations
+
+
+def _answer(fn, *args) -> dict:
+    from .receive import Refused
+
+    try:
+        return fn(*args)
+    except Refused as e:
+        return {"error": e.code, "message": str(e)}
 
 
 class WorkerExtension:
@@ -16,6 +27,40 @@ class WorkerExtension:
         if device is None or device.type != "cuda":
             return "cpu"
         return "GPU-" + str(torch.cuda.get_device_properties(device).uuid)
+
+    def _rolloutd_receiver(self):
+        rx = getattr(self, "_rolloutd_rx", None)
+        if rx is None:
+            from .receive import Receiver
+
+            rx = self._rolloutd_rx = Receiver(self)
+        return rx
+
+    def rolloutd_weights_begin(self, update: str, manifest: list, atomic: bool) -> dict:
+        """Check an update's manifest against the model; nothing is written yet."""
+        rx = self._rolloutd_receiver()
+        return _answer(rx.begin, update, manifest, atomic)
+
+    def rolloutd_weights_load(self, update: str, buffers: dict, tensors: list) -> dict:
+        """Take one bucket from this rank's staging buffer; returns once nothing reads the buffer."""
+        rx = self._rolloutd_receiver()
+        return _answer(rx.load, update, buffers, tensors)
+
+    def rolloutd_weights_end(self, update: str, commit: bool) -> dict:
+        rx = self._rolloutd_receiver()
+        return _answer(rx.end, update, commit)
+
+    def rolloutd_weights_from_path(self, path: str) -> dict:
+        rx = self._rolloutd_receiver()
+        return _answer(rx.load_path, path)
+
+    def rolloutd_weights_release(self, pids: list | None) -> int:
+        """Close the staging buffers of these trainer processes (all if None)."""
+        return self._rolloutd_receiver().close_buffers(pids)
+
+    def rolloutd_read_params(self, names: list, count: int = 8) -> dict:
+        """The first values and sum of each named parameter (vLLM's names): to check that an update landed."""
+        return self._rolloutd_receiver().read(names, count)
 
     def rolloutd_shield_signals(self, on: bool, owner_pid: int) -> str:
         """Ignore SIGTERM and SIGINT in this engine process while the worker that owns it serves (on=True),

@@ -1,0 +1,183 @@
+"""A worker's side of weight updates: pause, have every engine rank load (hijack/receive.py through
+collective_rpc), then publish the new version and resume, or drop the update and serve on.
+
+One update is open at a time. While it is, generation is paused in the caller's mode (unless it was paused
+already, by the caller's own pause). It ends by the trainer's WeightsEnd, by a failure, or by its deadline:
+a trainer that goes silent for `timeout_s` (killed half-way, say) has its update dropped, so no worker
+waits for it forever. After a dropped atomic update the old weights serve as before; after a dropped
+direct one the worker refuses requests (WeightsIncomplete) until a complete update lands.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from . import protocol as p
+from .errors import BadRequest, Busy, EngineError, Paused, from_code
+
+log = logging.getLogger("rolloutd.worker")
+
+# Dropping an update (after a failure or a deadline) asks the engine at most this long.
+_DROP_TIMEOUT_S = 60.0
+
+
+@dataclass
+class _Open:
+    update: str
+    version: int
+    atomic: bool
+    paused_here: bool  # this update paused generation, and resumes it at its end
+    started: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # buckets load one at a time, in order
+    timer: asyncio.Task | None = None
+    buckets: int = 0
+
+
+class WeightUpdates:
+    def __init__(self, worker):
+        self.worker = worker
+        self.open: _Open | None = None
+        self.incomplete = False  # a direct update failed part-way: serve nothing until a complete one lands
+
+    @property
+    def engine(self):
+        return self.worker.engine
+
+    # -------------------------------------------------------------------------------------- messages
+
+    async def begin(self, msg: p.LoadWeights) -> dict:
+        if self.open is not None:
+            raise Busy(f"weight update {self.open.update} is still open on worker {self.worker.id}")
+        await self._wake_or_refuse(msg.wake)
+        paused_here = await self._pause(msg.pause)
+        cur = self.open = _Open(msg.update, msg.version, msg.atomic, paused_here)
+        try:
+            if msg.source == "path":
+                data = await self._rpc("rolloutd_weights_from_path", msg.path, timeout=msg.timeout_s)
+                return {**data, **await self._publish(cur)}
+            data = await self._rpc("rolloutd_weights_begin", msg.update, msg.manifest, msg.atomic, timeout=msg.timeout_s)
+        except BaseException:
+            await self._close(cur)
+            raise
+        self._arm(cur, msg.timeout_s)
+        return data
+
+    async def bucket(self, msg: p.WeightsBucket) -> dict:
+        cur = self._current(msg.update)
+        self._arm(cur, msg.timeout_s)
+        async with cur.lock:
+            if self.open is not cur:
+                raise BadRequest(f"weight update {msg.update} was dropped on worker {self.worker.id}")
+            try:
+                data = await self._rpc("rolloutd_weights_load", msg.update, msg.buffer, msg.tensors,
+                                       timeout=msg.timeout_s)
+            except BaseException as e:
+                await self._drop(cur, f"bucket {msg.index} failed: {e}")
+                raise
+            cur.buckets += 1
+        return data
+
+    async def end(self, msg: p.WeightsEnd) -> dict:
+        if not msg.commit and (self.open is None or self.open.update != msg.update):
+            return {"dropped": False}  # gone already (failed, or its deadline passed)
+        cur = self._current(msg.update)
+        async with cur.lock:
+            if self.open is not cur:
+                raise BadRequest(f"weight update {msg.update} was dropped on worker {self.worker.id}")
+            if not msg.commit:
+                return await self._drop(cur, "the trainer dropped it")
+            try:
+                data = await self._rpc("rolloutd_weights_end", msg.update, True, timeout=msg.timeout_s)
+            except BaseException as e:
+                await self._drop(cur, f"commit failed: {e}")
+                raise
+            return {**data, **await self._publish(cur)}
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    async def _publish(self, cur: _Open) -> dict:
+        """Every rank has the new weights: serve them as the new version, from an empty prefix cache."""
+        self.worker.weight_version = cur.version
+        self.incomplete = False
+        flushed = await self.engine.reset_prefix_cache()
+        took = time.monotonic() - cur.started
+        await self._close(cur)
+        log.info("weights v%d loaded in %.3f s (%d bucket(s))", cur.version, took, cur.buckets)
+        return {"weight_version": cur.version, "prefix_cache_reset": bool(flushed), "seconds": took}
+
+    async def _drop(self, cur: _Open, why: str) -> dict:
+        if self.open is not cur:
+            return {"dropped": False}
+        log.warning("weight update %s dropped: %s", cur.update, why)
+        incomplete = not cur.atomic and cur.buckets > 0
+        try:
+            results = await asyncio.wait_for(self.engine.collective_rpc("rolloutd_weights_end", args=(cur.update, False)),
+                                             _DROP_TIMEOUT_S)
+            incomplete = incomplete or any(isinstance(r, dict) and r.get("incomplete") for r in results)
+        except Exception as e:  # the engine could not even drop it: what it holds is unknown
+            log.error("the engine failed to drop weight update %s: %s", cur.update, e)
+            incomplete = True
+        if incomplete:
+            self.incomplete = True
+            log.error("worker %s holds an incomplete set of weights and refuses requests until a complete "
+                      "update lands", self.worker.id)
+        await self._close(cur)
+        return {"dropped": True, "incomplete": incomplete, "weight_version": self.worker.weight_version}
+
+    async def _close(self, cur: _Open) -> None:
+        if cur.timer is not None and cur.timer is not asyncio.current_task():
+            cur.timer.cancel()
+        if self.open is cur:
+            self.open = None
+            if cur.paused_here:
+                await self.worker.resume()
+
+    def _arm(self, cur: _Open, timeout_s: float) -> None:
+        """(Re)start the update's deadline: timeout_s from now without word from the trainer drops it."""
+        if cur.timer is not None:
+            cur.timer.cancel()
+
+        async def expire():
+            await asyncio.sleep(timeout_s)
+            async with cur.lock:
+                await self._drop(cur, f"no word from the trainer for {timeout_s:.0f} s")
+
+        cur.timer = asyncio.create_task(expire())
+
+    def _current(self, update: str) -> _Open:
+        if self.open is None or self.open.update != update:
+            raise BadRequest(f"no weight update {update} is open on worker {self.worker.id} "
+                             "(it failed, was dropped, or its deadline passed)")
+        return self.open
+
+    async def _wake_or_refuse(self, wake: bool) -> None:
+        if not self.worker.sleeping:
+            return
+        if not wake:
+            raise Paused(f"worker {self.worker.id} is asleep (level {self.worker.sleeping}): wake it first, or "
+                         "pass wake=True to update_weights")
+        await self.engine.wake_up(None)
+        self.worker.sleeping = 0
+
+    async def _pause(self, mode: str) -> bool:
+        if self.worker.paused:
+            return False  # the caller paused it: it stays paused until the caller resumes
+        await self.worker.pause(mode, False)
+        return True
+
+    async def _rpc(self, method: str, *args, timeout: float) -> dict:
+        """Run a receive step on every engine rank; a rank's refusal raises its typed error."""
+        try:
+            results = await asyncio.wait_for(self.engine.collective_rpc(method, args=args), timeout)
+        except asyncio.TimeoutError:
+            raise EngineError(f"the engine did not finish {method} within {timeout:.0f} s") from None
+        merged: dict = {}
+        for rank, r in enumerate(results):
+            if isinstance(r, dict) and "error" in r:
+                raise from_code(r["error"], f"engine rank {rank}: {r.get('message', '')}")
+            if isinstance(r, dict):
+                merged.update(r)
+        return merged
+

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import protocol as p
-from .errors import BadRequest, Busy, EngineError, Paused, from_code
+from .errors import BadRequest, Busy, EngineError, Paused, WeightsIncomplete, from_code
 
 log = logging.getLogger("rolloutd.worker")
 
@@ -123,6 +123,10 @@ class WeightUpdates:
             self.incomplete = True
             log.error("worker %s holds an incomplete set of weights and refuses requests until a complete "
                       "update lands", self.worker.id)
+            # Requests taken while the update ran (waiting for resume, or frozen in mode keep) must not run on
+            # these weights either.
+            await self.worker.fail_all(WeightsIncomplete(f"worker {self.worker.id}: a weight update failed "
+                                                         "part-way; it serves again once a complete update lands"))
         await self._close(cur)
         return {"dropped": True, "incomplete": incomplete, "weight_version": self.worker.weight_version}
 

@@ -491,6 +491,14 @@ class Worker:
         if self._reaborts is None or self._reaborts.done():
             self._reaborts = asyncio.create_task(self._reabort())
 
+    async def fail_all(self, err: RolloutdError) -> None:
+        """End every request held here with err (not with a result), and take them out of the engine."""
+        rids = list(self.jobs)
+        for rid in rids:
+            self.jobs[rid].done = True  # its task and the abort below send nothing more for it
+            self._send(p.Error(code=err.code, rid=rid, message=str(err)))
+        await self._abort(rids)
+
     def _background(self, coro) -> None:
         """A task nobody awaits, kept referenced until done (asyncio holds tasks only weakly)."""
         t = asyncio.create_task(coro)

@@ -58,7 +58,8 @@ class Receiver:
 
     def __init__(self, worker):
         self.worker = worker
-        self.buffers: collections.OrderedDict[str, tuple[torch.Tensor, object]] = collections.OrderedDict()
+        # buffer id -> (flat uint8 view, its mapping or None, its shared-memory file or None)
+        self.buffers: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         self.update: str | None = None
         self.atomic = True
         self.manifest: dict[str, tuple[str, tuple]] = {}
@@ -231,6 +232,7 @@ class Receiver:
 
     def _drop(self) -> dict:
         """Give the update up. Atomic: nothing was written. Direct: the model holds whatever came."""
+        self.forget_dead_trainers()
         incomplete = self.started
         try:
             if incomplete:
@@ -268,6 +270,19 @@ class Receiver:
             del self.buffers[b]
         return len(gone)
 
+    def forget_dead_trainers(self) -> None:
+        """Close the buffers of trainer processes that are gone, and remove their shared-memory files (the
+        ones opened here, and their siblings that never got sent): a trainer killed outright cannot remove
+        its own, and each holds a whole bucket of memory."""
+        dead = {pid for pid in map(_pid_of, self.buffers) if pid is not None and not _alive(pid)}
+        self.close_buffers(list(dead))
+        for pid in dead:
+            for path in glob.glob(os.path.join(SHM_DIR, f"{SHM_PREFIX}{pid}-*")):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
     def _open_shm(self, handle: dict) -> tuple:
         name, size = handle.get("name"), handle.get("size")
         if not isinstance(name, str) or not _SHM_NAME.fullmatch(name):
@@ -287,7 +302,7 @@ class Receiver:
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        return torch.frombuffer(mm, dtype=torch.uint8), mm
+        return torch.frombuffer(mm, dtype=torch.uint8), mm, path
 
     def _open_cuda(self, handle: dict) -> tuple:
         from torch.multiprocessing.reductions import rebuild_cuda_tensor
@@ -307,7 +322,7 @@ class Receiver:
                                     ipc["event_sync_required"])
         except Exception as e:
             raise Refused("bad_request", f"cannot open the trainer's CUDA IPC buffer: {type(e).__name__}: {e}") from None
-        return t, None
+        return t, None, None
 
     # ---------------------------------------------------------------------------------------- checks
 
@@ -322,6 +337,16 @@ class Receiver:
                 flat = p.detach().flatten().float()
                 out[n] = {"head": flat[:count].cpu().tolist(), "sum": float(flat.sum()), "numel": flat.numel()}
         return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _pid_of(buffer_id: str) -> int | None:

@@ -59,7 +59,7 @@ _LOG_PER_WINDOW = 5
 
 # Commands the broker sends to every worker and answers with one aggregated reply.
 _FANOUT = (p.Cmd.ABORT_ALL, p.Cmd.PAUSE, p.Cmd.RESUME, p.Cmd.SLEEP, p.Cmd.WAKE, p.Cmd.LOAD_WEIGHTS,
-           p.Cmd.WEIGHTS_BUCKET, p.Cmd.WEIGHTS_END)
+           p.Cmd.WEIGHTS_BUCKET, p.Cmd.WEIGHTS_END, p.Cmd.READ_WEIGHTS)
 
 
 @dataclass

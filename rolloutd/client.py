@@ -180,6 +180,13 @@ def _reply(msg) -> Reply:
     return reply_from_message(msg)
 
 
+def _read_reply(reply: Reply) -> dict:
+    if not reply.ok:
+        name, w = next(iter(reply.errors.items()), ("?", None))
+        raise from_code(w.error if w else "internal", f"read_weights failed on worker {name}: {w.message if w else ''}")
+    return reply.workers
+
+
 def _finish(rids: list[str], results: dict, errors: dict) -> list[Result]:
     ordered = [results.get(r) for r in rids]
     if errors:
@@ -386,6 +393,12 @@ class Client(_Base):
         msg = self._path_msg(path, version, deadline, pause=pause, wake=wake, workers=workers)
         self._send(msg, deadline)
         return _reply(weights.check(self._answer(msg.cid, deadline, {}), "load from path"))
+
+    def read_weights(self, names: Sequence[str], count: int = 8, workers=None, timeout: float | None = None) -> dict:
+        """A round trip of weights for tests: {worker: [per engine rank {name: {"head": first `count` values,
+        "sum", "numel"}}]} of the named parameters (vLLM's names: fused ones like qkv_proj differ from HF's)."""
+        msg = p.ReadWeights(cid=self.new_id(), names=list(names), count=count, workers=list(workers or []))
+        return {w: r.data["ranks"] for w, r in _read_reply(self._call(msg, timeout)).items()}
 
     def _answer(self, cid: str, deadline: float, early: dict):
         """The reply for cid (replies for other cids that come first wait in `early`)."""
@@ -698,6 +711,12 @@ class AsyncClient(_Base):
         finally:
             for cid in futures:
                 self._waiters.pop(cid, None)
+
+    async def read_weights(self, names: Sequence[str], count: int = 8, workers=None,
+                           timeout: float | None = None) -> dict:
+        """As Client.read_weights."""
+        msg = p.ReadWeights(cid=self.new_id(), names=list(names), count=count, workers=list(workers or []))
+        return {w: r.data["ranks"] for w, r in _read_reply(await self._call(msg, timeout)).items()}
 
     async def load_weights_from_path(self, path: str, version: int, *, pause: str = "wait", wake: bool = False,
                                      workers=None, timeout: float | None = None) -> Reply:

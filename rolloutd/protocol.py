@@ -82,6 +82,7 @@ class Cmd(IntEnum):
     RESUME = 24
     WEIGHTS_BUCKET = 25
     WEIGHTS_END = 26
+    READ_WEIGHTS = 27
     # queries
     STATUS = 30
     PING = 31
@@ -438,6 +439,18 @@ class WeightsEnd(Message):
 
 
 @dataclass
+class ReadWeights(Message):
+    """Client -> broker -> workers: the first `count` values and the sum of each named parameter (vLLM's
+    names), from every engine rank: what a test reads back to see that an update landed."""
+    CMD = Cmd.READ_WEIGHTS
+    cid: str = rule(_is_id, ID)
+    names: list[str] = rule(lambda v: 0 < len(v) <= 1024 and all(0 < len(n) <= MAX_TENSOR_NAME for n in v),
+                            "1..1024 parameter names")
+    count: int = rule(lambda v: 0 <= v <= 1024, "0..1024", default=8)
+    workers: list[str] = rule(_ids(1024), "up to 1024 worker names", default_factory=list)
+
+
+@dataclass
 class Sleep(Message):
     """Level 1 offloads weights and drops the KV cache; level 2 drops both."""
     CMD = Cmd.SLEEP
@@ -624,11 +637,12 @@ def _show(v) -> str:
 
 # Which commands each hop takes: decode refuses the rest before unpacking anything.
 CLIENT_TO_BROKER = frozenset({Cmd.GENERATE, Cmd.ABORT, Cmd.ABORT_ALL, Cmd.LOAD_WEIGHTS, Cmd.WEIGHTS_BUCKET,
-                              Cmd.WEIGHTS_END, Cmd.SLEEP, Cmd.WAKE, Cmd.PAUSE, Cmd.RESUME, Cmd.STATUS, Cmd.PING})
+                              Cmd.WEIGHTS_END, Cmd.READ_WEIGHTS, Cmd.SLEEP, Cmd.WAKE, Cmd.PAUSE, Cmd.RESUME, Cmd.STATUS, Cmd.PING})
 WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.TOKENS, Cmd.FINISHED, Cmd.REPLY,
                               Cmd.ERROR})
 BROKER_TO_WORKER = frozenset({Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.GENERATE, Cmd.ABORT, Cmd.ABORT_ALL,
-                              Cmd.LOAD_WEIGHTS, Cmd.WEIGHTS_BUCKET, Cmd.WEIGHTS_END, Cmd.SLEEP, Cmd.WAKE,
+                              Cmd.LOAD_WEIGHTS, Cmd.WEIGHTS_BUCKET, Cmd.WEIGHTS_END, Cmd.READ_WEIGHTS, Cmd.SLEEP,
+                              Cmd.WAKE,
                               Cmd.PAUSE, Cmd.RESUME, Cmd.PING})
 BROKER_TO_CLIENT = frozenset({Cmd.TOKENS, Cmd.FINISHED, Cmd.REPLY, Cmd.ERROR})
 ANY = frozenset(Cmd)

@@ -332,6 +332,9 @@ class Worker:
             return await self.updates.bucket(msg)
         if cmd is p.Cmd.WEIGHTS_END:
             return await self.updates.end(msg)
+        if cmd is p.Cmd.READ_WEIGHTS:
+            ranks = await self.engine.collective_rpc("rolloutd_read_params", args=(msg.names, msg.count))
+            return {"ranks": ranks, "weight_version": self.weight_version}
         if cmd is p.Cmd.SLEEP:
             return await self._sleep(msg.level)
         if cmd is p.Cmd.WAKE:

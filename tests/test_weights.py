@@ -80,6 +80,12 @@ def test_three_updates_in_a_row_serve_exactly_the_new_weights_on_both_workers(da
             assert seen == {version}
             assert tokens == hf(new), f"v{version}: the daemon's greedy tokens differ from HF's with the same weights"
             assert set(versions(c).values()) == {version}
+            # and read back through the extension: what each engine rank holds is what the trainer sent
+            names = ["model.norm.weight", "model.layers.1.post_attention_layernorm.weight"]
+            for ranks in c.read_weights(names, count=16).values():
+                for name in names:
+                    assert ranks[0][name]["head"] == new[name][:16].tolist()
+                    assert ranks[0][name]["sum"] == pytest.approx(float(new[name].sum()), rel=1e-5)
 
 
 @pytest.mark.parametrize("spoil, match", [

@@ -54,7 +54,7 @@ def hf():
 
 def perturbed(state: dict, seed: int, scale: float = 0.05) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    return {k: v + scale * torch.randn(v.shape, generator=g).to(v.device) for k, v in state.items()}
 
 
 def served(c: Client) -> tuple[list[list[int]], set, set]:

@@ -103,14 +103,20 @@ def rolloutd_runs(folder: str, named: dict, args, device, engine: tuple) -> dict
     with Daemon(folder, workers=1, log_path=os.path.join(tempfile.gettempdir(), "bench-weights-up.log"),
                 extra=engine, ready_timeout_s=600) as d, Client(d.front, timeout=600) as c:
         version = 0
-        for label, atomic, repeat in [("rolloutd direct", False, args.repeat), ("rolloutd atomic", True, args.atomic_repeat)]:
-            times = []
+        sizes = [int(x) for x in str(args.bucket_mb).split(",")]
+        plan = [(f"rolloutd direct{f' {mb} MiB' if len(sizes) > 1 else ''}", False, args.repeat, mb) for mb in sizes]
+        if args.atomic_repeat >= 0:
+            plan.append(("rolloutd atomic", True, args.atomic_repeat, sizes[0]))
+        for label, atomic, repeat, mb in plan:
+            times, parts = [], []
             for _ in range(repeat + 1):  # the first opens the buffers in the engine
                 version += 1
                 t0 = time.perf_counter()
-                c.update_weights(named, version, atomic=atomic, bucket_bytes=args.bucket_mb << 20)
+                out = c.update_weights(named, version, atomic=atomic, bucket_bytes=mb << 20)
                 times.append(time.perf_counter() - t0)
-            res[label] = {"first_s": times[0], "trials_s": times[1:]}
+                parts.append(next(iter(out.values()))["ms"])
+            res[label] = {"first_s": times[0], "trials_s": times[1:], "worker_ms": parts[1:]}
+            print(f"{label}: worker's parts (ms) {parts[-1]}", flush=True)
             print(f"{label}: first {times[0] * 1e3:.1f} ms, then {[round(t * 1e3, 1) for t in times[1:]]} ms", flush=True)
         res["check"] = check_values(c.read_weights(args.check, count=8), named, args.check)
         out = c.generate([[11, 12, 13, 14]], max_tokens=4, temperature=0.0)
@@ -166,8 +172,8 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="shared memory on CPU (default: CUDA IPC on the GPU)")
     ap.add_argument("--model", default=None, help="CPU: the model folder (default: SmolLM2-135M)")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--atomic-repeat", type=int, default=2)
-    ap.add_argument("--bucket-mb", type=int, default=1024)
+    ap.add_argument("--atomic-repeat", type=int, default=2, help="-1: skip the atomic runs")
+    ap.add_argument("--bucket-mb", default="1024", help="bucket size in MiB; several (1024,4096) compare direct runs")
     ap.add_argument("--no-native", action="store_true", help="skip vLLM's own path")
     args = ap.parse_args()
     result = {"bucket_mb": args.bucket_mb}

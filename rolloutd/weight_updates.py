@@ -33,6 +33,7 @@ class _Open:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # buckets load one at a time, in order
     timer: asyncio.Task | None = None
     buckets: int = 0
+    ms: dict = field(default_factory=lambda: {"pause": 0.0, "begin": 0.0, "buckets": 0.0, "commit": 0.0, "resume": 0.0})
 
 
 class WeightUpdates:
@@ -51,13 +52,17 @@ class WeightUpdates:
         if self.open is not None:
             raise Busy(f"weight update {self.open.update} is still open on worker {self.worker.id}")
         await self._wake_or_refuse(msg.wake)
+        t0 = time.monotonic()
         paused_here = await self._pause(msg.pause)
         cur = self.open = _Open(msg.update, msg.version, msg.atomic, paused_here)
+        cur.ms["pause"] = (time.monotonic() - t0) * 1e3
         try:
             if msg.source == "path":
                 data = await self._rpc("rolloutd_weights_from_path", msg.path, timeout=msg.timeout_s)
                 return {**data, **await self._publish(cur)}
+            t0 = time.monotonic()
             data = await self._rpc("rolloutd_weights_begin", msg.update, msg.manifest, msg.atomic, timeout=msg.timeout_s)
+            cur.ms["begin"] = (time.monotonic() - t0) * 1e3
         except BaseException:
             await self._close(cur)
             raise
@@ -70,12 +75,14 @@ class WeightUpdates:
         async with cur.lock:
             if self.open is not cur:
                 raise BadRequest(f"weight update {msg.update} was dropped on worker {self.worker.id}")
+            t0 = time.monotonic()
             try:
                 data = await self._rpc("rolloutd_weights_load", msg.update, msg.buffer, msg.tensors,
                                        timeout=msg.timeout_s)
             except BaseException as e:
                 await self._drop(cur, f"bucket {msg.index} failed: {e}")
                 raise
+            cur.ms["buckets"] += (time.monotonic() - t0) * 1e3
             cur.buckets += 1
         return data
 
@@ -88,11 +95,13 @@ class WeightUpdates:
                 raise BadRequest(f"weight update {msg.update} was dropped on worker {self.worker.id}")
             if not msg.commit:
                 return await self._drop(cur, "the trainer dropped it")
+            t0 = time.monotonic()
             try:
                 data = await self._rpc("rolloutd_weights_end", msg.update, True, timeout=msg.timeout_s)
             except BaseException as e:
                 await self._drop(cur, f"commit failed: {e}")
                 raise
+            cur.ms["commit"] = (time.monotonic() - t0) * 1e3
             return {**data, **await self._publish(cur)}
 
     # ------------------------------------------------------------------------------------------ steps
@@ -101,11 +110,17 @@ class WeightUpdates:
         """Every rank has the new weights: serve them as the new version, from an empty prefix cache."""
         self.worker.weight_version = cur.version
         self.incomplete = False
+        t0 = time.monotonic()
         flushed = await self.engine.reset_prefix_cache()
-        took = time.monotonic() - cur.started
         await self._close(cur)
-        log.info("weights v%d loaded in %.3f s (%d bucket(s))", cur.version, took, cur.buckets)
-        return {"weight_version": cur.version, "prefix_cache_reset": bool(flushed), "seconds": took}
+        cur.ms["resume"] = (time.monotonic() - t0) * 1e3
+        took = time.monotonic() - cur.started
+        log.info("weights v%d loaded in %.3f s (%d bucket(s)); ms: %s", cur.version, took, cur.buckets,
+                 {k: round(v, 1) for k, v in cur.ms.items()})
+        # Where the time went, on this worker (the rest of the caller's wait is the trainer's packing and the
+        # messages): pause, manifest check, loading every bucket, commit, cache flush and resume.
+        return {"weight_version": cur.version, "prefix_cache_reset": bool(flushed), "seconds": took,
+                "buckets": cur.buckets, "ms": {k: round(v, 2) for k, v in cur.ms.items()}}
 
     async def _drop(self, cur: _Open, why: str) -> dict:
         if self.open is not cur:

@@ -359,7 +359,7 @@ class Worker:
             # that arrive while paused wait in it until resume.
             self.paused, self.refuse_while_paused = mode, refuse
             before = [j.task for j in self.jobs.values()]
-            await self.engine.pause_generation(mode=mode, clear_cache=mode != "keep")
+            await eng.pause_scheduler(self.engine, mode, clear_cache=mode != "keep")
             self._engine_paused = True
             if mode != "keep" and before:
                 # vLLM is done with them; their tasks end in a moment. Waiting for that puts every result

@@ -9,7 +9,8 @@ source .gpu/setup.sh || exit 1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/extra/*.whl 2>&1 | grep -v WARNING
 export ROLLOUTD_CACHE=$PWD/.gpu PYTHONPATH=$PWD:$PYTHONPATH BENCH_TAG=h100 PYTHONUNBUFFERED=1
 nvidia-smi -L
-[ -z "${SKIP_GPU_TESTS:-}" ] && python3 -m pytest -m gpu -v -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu.py tests/test_gpu_weights.py} 2>&1 | tee "$OUT/gpu-tests.log"
+touch "$OUT/.start"
+[ -z "${SKIP_GPU_TESTS:-}" ] && python3 -m pytest -m gpu -v -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu.py tests/test_gpu_weights.py} 2>&1 | grep -v "^(EngineCore\|^(Worker" | tee "$OUT/gpu-tests.log"
 cd perf
 for b in ${GPU_BENCH-roundtrip abort}; do
   case $b in
@@ -18,8 +19,9 @@ for b in ${GPU_BENCH-roundtrip abort}; do
     abort512) BENCH_TAG=h100-512x100 python3 bench_abort.py --inflight 512 --repeat 100 ;;  # a p99 from 100 trials
     throughput) python3 bench_throughput.py --prompts 256 --n 4 --max-tokens 512 --repeat 3 ;;
     trace) python3 trace_abort.py --inflight 512 --repeat 30 --detail 3 ;;
-    weights) python3 bench_weights.py --repeat 5 ;;
+    weights) python3 bench_weights.py --repeat 5 --bucket-mb 1024,2048 ;;
   esac 2>&1 | grep -v "^(EngineCore\|^(Worker\|^INFO" | tail -120 | tee "$OUT/bench-$b.log"
-  cp results/*-h100*.json results/*-h100*.png "$OUT/" 2>/dev/null  # after each: a call cut short keeps what ran
+  # after each, what it wrote: a call cut short keeps what ran
+  find results -maxdepth 1 -newer "$OUT/.start" -name "*-h100*" -exec cp {} "$OUT/" \;
 done
 ls -la "$OUT"

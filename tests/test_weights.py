@@ -179,3 +179,23 @@ def test_load_weights_from_path_round_trips(daemon, original, hf, tmp_path):
         with pytest.raises(BadRequest, match="safetensors"):
             c.load_weights_from_path(str(tmp_path / "nothing-here"), 42)
         assert set(versions(c).values()) == {41}
+
+
+def test_a_tensor_parallel_worker_takes_an_update_from_one_trainer(tmp_path, original, hf):
+    """--tp 2 on CPU: both engine ranks open the same shared memory, and vLLM's load_weights gives each its
+    shard; the worker then decodes as HF does with the whole new weights."""
+    d = Daemon(tmp_path / "tp2.log", workers=1,
+               extra=("--drain-s", "2", "--dtype", "float32", "--tensor-parallel-size", "2"))
+    try:
+        with Client(d.front, timeout=300) as c:
+            (w,) = c.status(timeout=STATUS_S)["workers"]
+            assert w["engine"]["tensor_parallel_size"] == 2
+            new = perturbed(original, seed=70)
+            c.update_weights(new, 70, bucket_bytes=256 << 10)
+            tokens, _, seen = served(c)
+            assert seen == {70} and tokens == hf(new)
+            ranks = c.read_weights(["model.norm.weight"], count=8)[w["id"]]
+            assert len(ranks) == 2 and all(r["model.norm.weight"]["head"] == new["model.norm.weight"][:8].tolist()
+                                           for r in ranks)
+    finally:
+        d.stop()

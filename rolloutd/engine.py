@@ -84,6 +84,11 @@ def start_engine(opts: EngineOptions, log_path: str):
     process and the engine processes it starts (they inherit it) keep writing to the log from now on; its
     stderr goes there too while the engine starts. A failure is then one line (EngineStartError), its
     traceback in the log."""
+    from .hijack import versions
+
+    refused = versions.refusal(vllm_version())
+    if refused and not os.environ.get("ROLLOUTD_ANY_VLLM"):
+        raise EngineStartError(refused)
     with open(log_path, "ab") as f:
         os.dup2(f.fileno(), 1)
         saved = os.dup(2)

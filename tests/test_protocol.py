@@ -232,3 +232,4 @@ def test_headers_nested_too_deep_are_refused_and_named_without_recursion():
 def test_error_texts_show_any_value_briefly():
     text = p._show({"k": [[[[["x" * 1000]]]]], b"b": 1})
     assert len(text) < 200 and text.startswith("dict")
+

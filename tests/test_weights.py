@@ -199,3 +199,23 @@ def test_a_tensor_parallel_worker_takes_an_update_from_one_trainer(tmp_path, ori
                                            for r in ranks)
     finally:
         d.stop()
+
+
+def test_the_async_client_updates_too(daemon, original, hf):
+    import asyncio
+
+    from rolloutd import AsyncClient
+
+    new = perturbed(original, seed=80)
+
+    async def main():
+        async with AsyncClient(daemon.front, timeout=300) as c:
+            out = await c.update_weights(new, 80, bucket_bytes=256 << 10)
+            read = await c.read_weights(["model.norm.weight"], count=4)
+            return out, read
+    out, read = asyncio.run(main())
+    assert {v["weight_version"] for v in out.values()} == {80}
+    assert all(r[0]["model.norm.weight"]["head"] == new["model.norm.weight"][:4].tolist() for r in read.values())
+    with Client(daemon.front, timeout=300) as c:
+        tokens, _, seen = served(c)
+    assert seen == {80} and tokens == hf(new)

@@ -219,3 +219,50 @@ def test_the_async_client_updates_too(daemon, original, hf):
     with Client(daemon.front, timeout=300) as c:
         tokens, _, seen = served(c)
     assert seen == {80} and tokens == hf(new)
+
+
+KILLER = """
+import os, signal, sys, torch
+from safetensors.torch import load_file
+from rolloutd import weights
+from rolloutd.client import Client
+from rolloutd.errors import WorkerLost
+state = load_file(sys.argv[2])
+calls = 0
+real_ready = weights.ShmBuffer.ready
+def ready(self):  # a worker dies after the first bucket went out
+    global calls
+    calls += 1
+    if calls == 2:
+        os.kill(int(sys.argv[3]), signal.SIGKILL)
+    real_ready(self)
+weights.ShmBuffer.ready = ready
+with Client(sys.argv[1], timeout=60) as c:
+    try:
+        c.update_weights(state, 99, bucket_bytes=256 << 10, timeout=30)
+    except WorkerLost as e:
+        print("WorkerLost:", e)
+"""
+
+
+def test_a_worker_killed_mid_update_fails_the_update_and_the_other_keeps_the_old_weights(tmp_path, original, hf):
+    d = Daemon(tmp_path / "up.log", extra=("--drain-s", "2", "--dtype", "float32"))
+    try:
+        with Client(d.front, timeout=300) as c:
+            base = perturbed(original, seed=90)
+            c.update_weights(base, 90)
+            victim = c.status(timeout=STATUS_S)["workers"][0]
+            f = tmp_path / "state.safetensors"
+            save_file(perturbed(original, seed=91), str(f))
+            out = subprocess.run([sys.executable, "-c", KILLER, d.front, str(f), str(victim["pid"])],
+                                 capture_output=True, text=True, timeout=120,
+                                 cwd=os.path.dirname(os.path.dirname(__file__)))
+            assert out.returncode == 0 and "WorkerLost:" in out.stdout, (out.stdout, out.stderr[-3000:])
+            assert victim["id"] in out.stdout  # the error names the worker that went
+            left = [w for w in c.status(timeout=STATUS_S)["workers"] if w["id"] != victim["id"]]
+            assert len(left) == 1 and left[0]["weight_version"] == 90
+            res = c.generate(PROMPTS, max_tokens=TOKENS, min_tokens=TOKENS, temperature=0.0)
+            assert {r.worker for r in res} == {left[0]["id"]} and {r.weight_version for r in res} == {90}
+            assert [r.token_ids for r in res] == hf(base)
+    finally:
+        d.stop()

@@ -89,15 +89,26 @@ class ShmBuffer:
         finally:
             os.close(fd)
         self.tensor = _torch().frombuffer(self._mm, dtype=_torch().uint8)
+        self._bytes = self.tensor.numpy()
 
     def handle(self) -> dict:
         return {"kind": "shm", "id": self.id, "name": self.name, "size": self.size, "host": socket.gethostname()}
+
+    def put(self, offset: int, t) -> None:
+        """Copy a tensor in at offset. A contiguous one goes as bytes through numpy, on this thread alone:
+        torch's copy_ spreads over its intra-op threads, which on a machine whose cores the engine keeps
+        busy made packing 7-8x slower (0.40-0.49 s against 0.06 s for 269 MB, perf/results/README.md)."""
+        if t.is_contiguous() and t.device.type == "cpu":
+            n = t.numel() * t.element_size()
+            self._bytes[offset:offset + n] = t.reshape(-1).view(_torch().uint8).numpy()
+        else:
+            _put(self.tensor, offset, t)
 
     def ready(self) -> None:
         pass  # CPU copies are done when copy_ returns
 
     def close(self) -> None:
-        self.tensor = None
+        self.tensor = self._bytes = None
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -130,11 +141,19 @@ class CudaBuffer:
     def handle(self) -> dict:
         return {"kind": "cuda_ipc", "id": self.id, "size": self.size, "ipc": self._ipc}
 
+    def put(self, offset: int, t) -> None:
+        _put(self.tensor, offset, t)
+
     def ready(self) -> None:
         self._stream.synchronize()  # the engine reads it from another process: the copies must be done
 
     def close(self) -> None:
         self.tensor = None
+
+
+def _put(buf, offset: int, t) -> None:
+    n = t.numel() * t.element_size()
+    buf[offset:offset + n].view(t.dtype).view(t.shape).copy_(t)
 
 
 _EXPANDABLE_HINT = ("With PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, allocations are shared through file "
@@ -255,8 +274,7 @@ def steps(named: list, version: int, staging: Staging, workers: list[str], new_i
                 check((yield Wait(sent[i - 2])), f"bucket {i - 2}")
             buf = staging.buffers[i % 2]
             for _, t, off in b.entries:
-                n = t.numel() * t.element_size()
-                buf.tensor[off:off + n].view(t.dtype).view(t.shape).copy_(t)
+                buf.put(off, t)
             buf.ready()
             msg = p.WeightsBucket(cid=new_id(), index=i, buffer={staging.key: buf.handle()}, tensors=b.layout(),
                                   **common)

@@ -49,3 +49,21 @@ def test_buckets_keep_order_align_offsets_and_give_a_big_tensor_its_own():
     assert [[n for n, _, _ in b.entries] for b in buckets] == [["a", "b"], ["big"], ["c"]]
     assert [off for _, _, off in buckets[0].entries] == [0, weights.ALIGN]
     assert buckets[1].nbytes >= 4000  # the big tensor alone, over the bucket size: the buffers grow to it
+
+
+def test_a_staging_buffer_takes_bf16_non_contiguous_empty_and_scalar_tensors_and_the_receiver_sees_them():
+    import torch
+
+    buf = weights.ShmBuffer(4096)
+    try:
+        cases = [(256, torch.arange(10, dtype=torch.bfloat16)),
+                 (512, torch.arange(12, dtype=torch.float32).reshape(3, 4).t()),  # non-contiguous
+                 (1024, torch.zeros(0, 5, dtype=torch.bfloat16)), (2048, torch.tensor(3.5))]
+        for off, t in cases:
+            buf.put(off, t)
+        view, _, _ = Receiver(None)._open_shm(buf.handle())
+        for off, t in cases:
+            n = t.numel() * t.element_size()
+            assert torch.equal(view[off:off + n].view(t.dtype).view(t.shape), t)
+    finally:
+        buf.close()

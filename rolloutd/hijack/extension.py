@@ -54,10 +54,6 @@ class WorkerExtension:
         rx = self._rolloutd_receiver()
         return _answer(rx.load_path, path)
 
-    def rolloutd_weights_release(self, pids: list | None) -> int:
-        """Close the staging buffers of these trainer processes (all if None)."""
-        return self._rolloutd_receiver().close_buffers(pids)
-
     def rolloutd_read_params(self, names: list, count: int = 8) -> dict:
         """The first values and sum of each named parameter (vLLM's names): to check that an update landed."""
         return self._rolloutd_receiver().read(names, count)

@@ -407,6 +407,7 @@ class LoadWeights(Message):
     wake: bool = False  # a sleeping worker wakes first (else it refuses the update)
     atomic: bool = True
     timeout_s: float = rule(*TIMEOUT, default=120.0)
+    trainer_pid: int = rule(*COUNT, default=0)  # whose staging files to remove should it die (same host)
 
 
 @dataclass

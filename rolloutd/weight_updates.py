@@ -61,7 +61,8 @@ class WeightUpdates:
                 data = await self._rpc("rolloutd_weights_from_path", msg.path, timeout=msg.timeout_s)
                 return {**data, **await self._publish(cur)}
             t0 = time.monotonic()
-            data = await self._rpc("rolloutd_weights_begin", msg.update, msg.manifest, msg.atomic, timeout=msg.timeout_s)
+            data = await self._rpc("rolloutd_weights_begin", msg.update, msg.manifest, msg.atomic, msg.trainer_pid,
+                                   timeout=msg.timeout_s)
             cur.ms["begin"] = (time.monotonic() - t0) * 1e3
         except BaseException:
             await self._close(cur)

@@ -262,7 +262,7 @@ def steps(named: list, version: int, staging: Staging, workers: list[str], new_i
     common = dict(update=update, workers=workers, timeout_s=timeout_s)
     source = "cuda_ipc" if staging.device.type == "cuda" else "shm"
     begin = p.LoadWeights(cid=new_id(), version=version, source=source, pause=pause, atomic=atomic, wake=wake,
-                          manifest=[[n, dtype_name(t.dtype), list(t.shape)] for n, t in named], **common)
+                          trainer_pid=os.getpid(), manifest=[[n, dtype_name(t.dtype), list(t.shape)] for n, t in named], **common)
     try:
         yield Send(begin)
         check((yield Wait(begin.cid)), "begin")

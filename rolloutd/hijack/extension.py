@@ -36,10 +36,10 @@ class WorkerExtension:
             rx = self._rolloutd_rx = Receiver(self)
         return rx
 
-    def rolloutd_weights_begin(self, update: str, manifest: list, atomic: bool) -> dict:
+    def rolloutd_weights_begin(self, update: str, manifest: list, atomic: bool, trainer_pid: int = 0) -> dict:
         """Check an update's manifest against the model; nothing is written yet."""
         rx = self._rolloutd_receiver()
-        return _answer(rx.begin, update, manifest, atomic)
+        return _answer(rx.begin, update, manifest, atomic, trainer_pid)
 
     def rolloutd_weights_load(self, update: str, buffers: dict, tensors: list) -> dict:
         """Take one bucket from this rank's staging buffer; returns once nothing reads the buffer."""

@@ -66,6 +66,7 @@ class Receiver:
         self.staged: list[tuple[str, torch.Tensor]] = []
         self.started = False  # direct mode: the model is being written
         self.loaded_bytes = 0
+        self.trainers: set[int] = set()  # pids of the trainers that began updates here (same host)
         self._checkpoint: dict[str, tuple[str, tuple]] | None = None
 
     # ------------------------------------------------------------------------------------ what we are
@@ -111,9 +112,11 @@ class Receiver:
 
     # ----------------------------------------------------------------------------------------- update
 
-    def begin(self, update: str, manifest: list, atomic: bool) -> dict:
+    def begin(self, update: str, manifest: list, atomic: bool, trainer_pid: int = 0) -> dict:
         if self.update is not None:
             self._drop()  # a leftover the worker gave up on (its deadline passed)
+        if trainer_pid:
+            self.trainers.add(trainer_pid)
         self.manifest = self._checked(manifest, same_dtype=True)
         self.update, self.atomic, self.staged, self.started, self.loaded_bytes = update, atomic, [], False, 0
         return {"tensors": len(self.manifest), "checked_against_checkpoint": bool(self.checkpoint_manifest())}
@@ -272,9 +275,12 @@ class Receiver:
 
     def forget_dead_trainers(self) -> None:
         """Close the buffers of trainer processes that are gone, and remove their shared-memory files (the
-        ones opened here, and their siblings that never got sent): a trainer killed outright cannot remove
-        its own, and each holds a whole bucket of memory."""
-        dead = {pid for pid in map(_pid_of, self.buffers) if pid is not None and not _alive(pid)}
+        ones opened here, and those that never got sent: a trainer killed right after handing its first
+        bucket to ZeroMQ may die before it leaves): a trainer killed outright cannot remove its own, and
+        each holds a whole bucket of memory."""
+        known = {pid for pid in map(_pid_of, self.buffers) if pid is not None} | self.trainers
+        dead = {pid for pid in known if not _alive(pid)}
+        self.trainers -= dead
         self.close_buffers(list(dead))
         for pid in dead:
             for path in glob.glob(os.path.join(SHM_DIR, f"{SHM_PREFIX}{pid}-*")):

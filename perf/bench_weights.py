@@ -156,7 +156,7 @@ def vllm_native_runs(folder: str, named: dict, args, engine_kw: dict) -> dict:
             llm.start_weight_update()
             IPCWeightTransferEngine.trainer_send_weights(
                 iter(named.items()),
-                {"send_mode": lambda info: llm.update_weights({"update_info": asdict(info)}), "packed": packed})
+                {"send_mode": lambda info, llm=llm: llm.update_weights({"update_info": asdict(info)}), "packed": packed})
             llm.finish_weight_update()
             times.append(time.perf_counter() - t0)
         res[label] = {"first_s": times[0], "trials_s": times[1:]}

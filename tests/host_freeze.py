@@ -32,20 +32,26 @@ def steal_s() -> float:
     return 0.0
 
 
-def _sleeper(cpu: int, ready, stop, out, slot: int) -> None:
+def _sleeper(cpu: int, stop, out, slot: int) -> None:
     """Pinned to `cpu`: until `stop`, sleep TICK_S at a time; out[slot] = the longest oversleep,
-    out[slot + 1] = the sum of those of STALL_S or more."""
+    out[slot + 1] = the sum of those of STALL_S or more, out[slot + 2] = the ticks so far. Each tick is
+    measured from the end of the one before, so once the first tick is recorded every moment lies in some
+    measured tick, and the tick under way when `stop` is set is recorded before the loop ends."""
     os.sched_setaffinity(0, {cpu})
     worst = total = 0.0
-    ready.set()
-    while not stop.is_set():
-        t = time.monotonic()
+    ticks = 0
+    t = time.monotonic()
+    while True:
         time.sleep(TICK_S)
-        late = time.monotonic() - t - TICK_S
+        now = time.monotonic()
+        late, t = now - t - TICK_S, now
         worst = max(worst, late)
         if late >= STALL_S:
             total += late
-        out[slot], out[slot + 1] = worst, total
+        ticks += 1
+        out[slot], out[slot + 1], out[slot + 2] = worst, total, ticks
+        if stop.is_set():
+            return
 
 
 class HostFreezeWatch:
@@ -64,17 +70,21 @@ class HostFreezeWatch:
         # a moment the test has just arranged (requests in flight). forkserver forks from a small server.
         ctx = mp.get_context("forkserver")
         cpus = sorted(os.sched_getaffinity(0))
-        self._out = ctx.RawArray("d", 2 * len(cpus))
+        self._out = ctx.RawArray("d", 3 * len(cpus))
         self._stop = ctx.Event()
-        ready = [ctx.Event() for _ in cpus]
-        self._procs = [ctx.Process(target=_sleeper, args=(cpu, r, self._stop, self._out, 2 * i), daemon=True)
-                       for i, (cpu, r) in enumerate(zip(cpus, ready))]
+        self._procs = [ctx.Process(target=_sleeper, args=(cpu, self._stop, self._out, 3 * i), daemon=True)
+                       for i, cpu in enumerate(cpus)]
         for proc in self._procs:
             proc.start()
-        for r in ready:  # the block is watched from its first moment
-            if not r.wait(_READY_TIMEOUT_S):
+        # The block is watched from its first moment: it begins once every sleeper has recorded a tick.
+        # (A sleeper that had only said it started could be stopped before its first measurement.)
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while min(self._out[2::3]) < 1:
+            if time.monotonic() > deadline:
                 self._end()
                 raise RuntimeError(f"the CPU sleepers did not start within {_READY_TIMEOUT_S:.0f} s")
+            time.sleep(0.002)
+        self._stalled0 = sum(self._out[1::3])  # stalls of the ticks before the block are not its
         self._steal0 = steal_s()
         self.steal_counted = self._steal0 > 0  # a hypervisor that reports none has 0 since boot
         return self
@@ -83,8 +93,8 @@ class HostFreezeWatch:
         self._end()  # first: a sleeper whose CPU is away as the block ends reports that stall once back
         self.steal_s = steal_s() - self._steal0
         out = list(self._out)
-        self.frozen_s = max(out[0::2], default=0.0)
-        self.stalled_s = sum(out[1::2])
+        self.frozen_s = max(out[0::3], default=0.0)
+        self.stalled_s = sum(out[1::3]) - self._stalled0
 
     def _end(self) -> None:
         self._stop.set()

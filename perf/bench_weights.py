@@ -17,9 +17,7 @@ Every trial is kept in the JSON (perf/results/weights-<tag>.json), with a chart 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -31,11 +29,9 @@ import torch  # noqa: E402
 
 from common import maybe_plot, save  # noqa: E402
 from rolloutd.client import Client  # noqa: E402
-from rolloutd.models import prepare  # noqa: E402
+from rolloutd.models import SHAPE_8B, config_only, prepare  # noqa: E402
 from rolloutd.testing import Daemon  # noqa: E402
 
-SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, head_dim=128)
 # Parameters read back after the updates (names vLLM keeps as they are; on CPU, vLLM repacks the linear layers'
 # weights out of their parameters, so only the others can be read there).
 CHECK_GPU = ["model.embed_tokens.weight", "model.norm.weight", "model.layers.31.mlp.down_proj.weight", "lm_head.weight"]
@@ -58,21 +54,6 @@ def llama_tensors(shape: dict, device, dtype=torch.bfloat16) -> dict:
     shapes.update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
     g = torch.Generator(device=device).manual_seed(0)
     return {k: torch.empty(s, dtype=dtype, device=device).normal_(0, 0.02, generator=g) for k, s in shapes.items()}
-
-
-def model_folder(shape: dict) -> str:
-    """A config-only folder of this shape (weights: vLLM's dummy loader), with the tiny model's tokenizer."""
-    out = tempfile.mkdtemp(prefix="rolloutd-8b-")
-    tiny = prepare("tiny")
-    for f in os.listdir(tiny):
-        if f.startswith("tokenizer") or f in ("chat_template.jinja", "generation_config.json"):
-            shutil.copy(os.path.join(tiny, f), out)
-    with open(os.path.join(tiny, "config.json")) as f:
-        cfg = json.load(f)
-    cfg.update(shape, max_position_embeddings=8192, tie_word_embeddings=False)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    return out
 
 
 def sync(device) -> None:
@@ -187,7 +168,7 @@ def main() -> None:
         engine = ("--max-model-len", "2048", "--drain-s", "2")
     else:
         device = torch.device("cuda", 0)
-        folder = model_folder(SHAPE_8B)
+        folder = config_only(SHAPE_8B)
         named = llama_tensors(SHAPE_8B, device)
         engine = ("--engine-arg", "load_format=dummy", "--gpu-memory-utilization", "0.35", "--enforce-eager",
                   "--max-model-len", "4096", "--drain-s", "2")

@@ -20,6 +20,7 @@ for b in ${GPU_BENCH-roundtrip abort}; do
     throughput) python3 bench_throughput.py --prompts 256 --n 4 --max-tokens 512 --repeat 3 ;;
     trace) python3 trace_abort.py --inflight 512 --repeat 30 --detail 3 ;;
     weights) python3 bench_weights.py --repeat 5 --bucket-mb 1024,2048 ;;
+    ipcopen) python3 bench_ipc_open.py --repeat 5 ;;
   esac 2>&1 | grep -v "^(EngineCore\|^(Worker\|^INFO" | tail -120 | tee "$OUT/bench-$b.log"
   # after each, what it wrote: a call cut short keeps what ran
   find results -maxdepth 1 -newer "$OUT/.start" -name "*-h100*" -exec cp {} "$OUT/" \;

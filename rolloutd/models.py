@@ -58,6 +58,27 @@ def prepare(name: str, cache: str | None = None, force: bool = False) -> str:
     return out
 
 
+# Llama-3-8B's shapes: the GPU benchmarks and tests run them with vLLM's dummy weights (load_format=dummy).
+SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, head_dim=128)
+
+
+def config_only(shape: dict) -> str:
+    """A new temporary folder holding a Llama config of this shape and the tiny model's tokenizer, and no
+    weights: vLLM's dummy loader fills them, or a trainer sends them."""
+    out = tempfile.mkdtemp(prefix="rolloutd-shape-")
+    tiny = prepare("tiny")
+    for f in os.listdir(tiny):
+        if f.startswith("tokenizer") or f in ("chat_template.jinja", "generation_config.json"):
+            shutil.copy(os.path.join(tiny, f), out)
+    with open(os.path.join(tiny, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(shape, max_position_embeddings=8192, tie_word_embeddings=False)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return out
+
+
 def _version_of(folder: str) -> str | None:
     try:
         with open(os.path.join(folder, _DONE)) as f:

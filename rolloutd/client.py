@@ -373,6 +373,9 @@ class Client(_Base):
         named_tensors: a dict or (name, tensor) pairs (model.named_parameters() works), all on one device,
         named as in the HF checkpoint. Tensors on a GPU go to the workers on that GPU by CUDA IPC; tensors
         in CPU memory to the workers on this host by shared memory. Nothing is copied through the broker.
+        A worker whose ranks use several GPUs (tensor parallel) takes the update from one trainer process
+        per GPU, each calling update_weights with its own tensors there and the same version; each engine
+        rank reads the trainer beside it, and the update commits once every one of them has sent all.
         pause: how generation pauses meanwhile ("wait": let requests finish; "abort"; "keep": freeze them).
         atomic: workers keep the new tensors aside until the set is whole, so a failure leaves the old
         weights serving; False loads each bucket straight in (faster, no extra memory), and a failure

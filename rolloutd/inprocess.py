@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sequential", action="store_true", help="one prompt at a time")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     a = ap.parse_args(argv)
     from .models import resolve
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     async def run():
         engine = eng.build_engine(eng.EngineOptions(model=resolve(a.model), max_model_len=a.max_model_len,
                                                     enforce_eager=a.enforce_eager,
-                                                    gpu_memory_utilization=a.gpu_memory_utilization))
+                                                    gpu_memory_utilization=a.gpu_memory_utilization,
+                                                    tensor_parallel_size=a.tensor_parallel_size))
         try:
             t0 = time.perf_counter()
             ids = await generate(engine, prompts, sampling, a.sequential)

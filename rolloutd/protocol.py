@@ -394,6 +394,11 @@ class LoadWeights(Message):
     old weights serve on if the update fails; otherwise buckets load straight into the model, and a
     failure part-way leaves the worker refusing requests until a complete update lands. A worker that
     hears nothing of the update for `timeout_s` drops it.
+
+    `device` is where the trainer's buffers are ("GPU-<uuid>", or "host" for shared memory). A worker whose
+    ranks use several GPUs takes one update of a version from one trainer process per GPU (each rank reads
+    the buffers on its own GPU): the first LoadWeights begins it, the others join it with their own
+    `update` ids, and it commits once every one of them has sent WeightsEnd.
     """
     CMD = Cmd.LOAD_WEIGHTS
     cid: str = rule(_is_id, ID)
@@ -408,6 +413,7 @@ class LoadWeights(Message):
     atomic: bool = True
     timeout_s: float = rule(*TIMEOUT, default=120.0)
     trainer_pid: int = rule(*COUNT, default=0)  # whose staging files to remove should it die (same host)
+    device: str = rule(lambda v: v == "" or _is_id(v), ID, default="")
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """A worker's side of weight updates: pause, have every engine rank load (hijack/receive.py through
 collective_rpc), then publish the new version and resume, or drop the update and serve on.
 
-One update is open at a time. While it is, generation is paused in the caller's mode (unless it was paused
+One update is open at a time. A worker whose ranks use several GPUs takes it from one trainer process per
+GPU, each sending its own LoadWeights / WeightsBucket / WeightsEnd (its "part"; each engine rank reads the
+buffers on its own GPU): the first part begins the update, the others join it, and it commits when every
+part has ended; any part's failure drops it for all. While it is open, generation is paused in the caller's mode (unless it was paused
 already, by the caller's own pause). It ends by the trainer's WeightsEnd, by a failure, or by its deadline:
 a trainer that goes silent for `timeout_s` (killed half-way, say) has its update dropped, so no worker
 waits for it forever. After a dropped atomic update the old weights serve as before; after a dropped
@@ -25,10 +28,15 @@ _DROP_TIMEOUT_S = 60.0
 
 @dataclass
 class _Open:
-    update: str
+    update: str  # the first part's id: what the engine ranks know the update by
     version: int
     atomic: bool
     paused_here: bool  # this update paused generation, and resumes it at its end
+    manifest: list
+    expected: set  # the devices a part must come from: "host", or every GPU of this worker's ranks
+    parts: dict = field(default_factory=dict)  # part id -> its device
+    ended: set = field(default_factory=set)  # part ids that sent WeightsEnd(commit)
+    outcome: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # buckets load one at a time, in order
     timer: asyncio.Task | None = None
@@ -49,26 +57,62 @@ class WeightUpdates:
     # -------------------------------------------------------------------------------------- messages
 
     async def begin(self, msg: p.LoadWeights) -> dict:
+        expected = self._expected(msg.device) if msg.source != "path" else set()
         if self.open is not None:
-            raise Busy(f"weight update {self.open.update} is still open on worker {self.worker.id}")
-        await self._wake_or_refuse(msg.wake)
-        t0 = time.monotonic()
-        paused_here = await self._pause(msg.pause)
-        cur = self.open = _Open(msg.update, msg.version, msg.atomic, paused_here)
-        cur.ms["pause"] = (time.monotonic() - t0) * 1e3
-        try:
-            if msg.source == "path":
-                data = await self._rpc("rolloutd_weights_from_path", msg.path, timeout=msg.timeout_s)
-                return {**data, **await self._publish(cur)}
-            t0 = time.monotonic()
-            data = await self._rpc("rolloutd_weights_begin", msg.update, msg.manifest, msg.atomic, msg.trainer_pid,
-                                   timeout=msg.timeout_s)
-            cur.ms["begin"] = (time.monotonic() - t0) * 1e3
-        except BaseException:
-            await self._close(cur)
-            raise
+            return self._join(self.open, msg)
+        # Open before the first await, and locked until the ranks have begun: another GPU's trainer may join
+        # meanwhile, and its buckets wait for the lock.
+        cur = self.open = _Open(msg.update, msg.version, msg.atomic, False, msg.manifest, expected,
+                                {msg.update: msg.device})
+        async with cur.lock:
+            try:
+                await self._wake_or_refuse(msg.wake)
+                t0 = time.monotonic()
+                cur.paused_here = await self._pause(msg.pause)
+                cur.ms["pause"] = (time.monotonic() - t0) * 1e3
+                if msg.source == "path":
+                    data = await self._rpc("rolloutd_weights_from_path", msg.path, timeout=msg.timeout_s)
+                    return {**data, **await self._publish(cur)}
+                t0 = time.monotonic()
+                data = await self._rpc("rolloutd_weights_begin", msg.update, msg.manifest, msg.atomic,
+                                       msg.trainer_pid, timeout=msg.timeout_s)
+                cur.ms["begin"] = (time.monotonic() - t0) * 1e3
+            except BaseException as e:
+                await self._drop_unbegun(cur, e)
+                raise
+            self._arm(cur, msg.timeout_s)
+            return data
+
+    async def _drop_unbegun(self, cur: _Open, e: BaseException) -> None:
+        """The update failed before its ranks began: nothing to undo in the engine."""
+        if not cur.outcome.done():
+            cur.outcome.set_exception(BadRequest(f"weight update v{cur.version} failed to begin on worker "
+                                                 f"{self.worker.id}: {e}"))
+            cur.outcome.exception()
+        await self._close(cur)
+
+    def _expected(self, device: str) -> set:
+        """The devices an update from `device` needs a part from: shared memory reaches every rank."""
+        if device in ("", "host"):
+            return {"host"}
+        gpus = {d for d in self.worker.devices if d.startswith("GPU-")}
+        if device not in gpus:
+            raise BadRequest(f"worker {self.worker.id} has no engine rank on {device} (its ranks: "
+                             f"{sorted(self.worker.devices)})")
+        return gpus
+
+    def _join(self, cur: _Open, msg: p.LoadWeights) -> dict:
+        """Another trainer's part of the open update, or Busy."""
+        if (msg.source == "path" or msg.version != cur.version or msg.device not in cur.expected
+                or msg.device in cur.parts.values() or msg.atomic != cur.atomic):
+            raise Busy(f"weight update {cur.update} (v{cur.version}) is still open on worker {self.worker.id}")
+        if msg.manifest != cur.manifest:
+            raise BadRequest(f"the trainer on {msg.device} sends other tensors for v{cur.version} than the one on "
+                             f"{next(iter(cur.parts.values()))}: every part of an update sends the same names, "
+                             "dtypes and shapes")
+        cur.parts[msg.update] = msg.device
         self._arm(cur, msg.timeout_s)
-        return data
+        return {"tensors": len(msg.manifest), "joined": cur.update}
 
     async def bucket(self, msg: p.WeightsBucket) -> dict:
         cur = self._current(msg.update)
@@ -78,7 +122,7 @@ class WeightUpdates:
                 raise BadRequest(f"weight update {msg.update} was dropped on worker {self.worker.id}")
             t0 = time.monotonic()
             try:
-                data = await self._rpc("rolloutd_weights_load", msg.update, msg.buffer, msg.tensors,
+                data = await self._rpc("rolloutd_weights_load", cur.update, msg.buffer, msg.tensors,
                                        timeout=msg.timeout_s)
             except BaseException as e:
                 await self._drop(cur, f"bucket {msg.index} failed: {e}")
@@ -88,22 +132,29 @@ class WeightUpdates:
         return data
 
     async def end(self, msg: p.WeightsEnd) -> dict:
-        if not msg.commit and (self.open is None or self.open.update != msg.update):
+        if not msg.commit and (self.open is None or msg.update not in self.open.parts):
             return {"dropped": False}  # gone already (failed, or its deadline passed)
         cur = self._current(msg.update)
         async with cur.lock:
             if self.open is not cur:
                 raise BadRequest(f"weight update {msg.update} was dropped on worker {self.worker.id}")
             if not msg.commit:
-                return await self._drop(cur, "the trainer dropped it")
-            t0 = time.monotonic()
-            try:
-                data = await self._rpc("rolloutd_weights_end", msg.update, True, timeout=msg.timeout_s)
-            except BaseException as e:
-                await self._drop(cur, f"commit failed: {e}")
-                raise
-            cur.ms["commit"] = (time.monotonic() - t0) * 1e3
-            return {**data, **await self._publish(cur)}
+                return await self._drop(cur, f"the trainer on {cur.parts[msg.update]} dropped it")
+            cur.ended.add(msg.update)
+            waiting = cur.expected - {cur.parts[u] for u in cur.ended}
+            if waiting:
+                self._arm(cur, msg.timeout_s)
+                log.info("weight update v%d: waiting for the part(s) from %s", cur.version, sorted(waiting))
+            else:
+                t0 = time.monotonic()
+                try:
+                    data = await self._rpc("rolloutd_weights_end", cur.update, True, timeout=msg.timeout_s)
+                except BaseException as e:
+                    await self._drop(cur, f"commit failed: {e}")
+                    raise
+                cur.ms["commit"] = (time.monotonic() - t0) * 1e3
+                cur.outcome.set_result({**data, **await self._publish(cur)})
+        return await asyncio.shield(cur.outcome)  # the last part to end commits for all
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -127,6 +178,10 @@ class WeightUpdates:
         if self.open is not cur:
             return {"dropped": False}
         log.warning("weight update %s dropped: %s", cur.update, why)
+        if not cur.outcome.done():  # parts that ended already and wait for the others
+            cur.outcome.set_exception(BadRequest(f"weight update v{cur.version} was dropped on worker "
+                                                 f"{self.worker.id}: {why}"))
+            cur.outcome.exception()  # retrieved here: no part may be waiting
         incomplete = not cur.atomic and cur.buckets > 0
         try:
             results = await asyncio.wait_for(self.engine.collective_rpc("rolloutd_weights_end", args=(cur.update, False)),
@@ -162,12 +217,16 @@ class WeightUpdates:
         async def expire():
             await asyncio.sleep(timeout_s)
             async with cur.lock:
-                await self._drop(cur, f"no word from the trainer for {timeout_s:.0f} s")
+                missing = cur.expected - set(cur.parts.values())
+                await self._drop(cur, f"no word from the trainer for {timeout_s:.0f} s" if not missing else
+                                 f"no trainer on {sorted(missing)} joined it in {timeout_s:.0f} s: a worker whose "
+                                 "ranks use several GPUs takes each update from one trainer process per GPU, each "
+                                 "calling update_weights with the same version")
 
         cur.timer = asyncio.create_task(expire())
 
     def _current(self, update: str) -> _Open:
-        if self.open is None or self.open.update != update:
+        if self.open is None or update not in self.open.parts:
             raise BadRequest(f"no weight update {update} is open on worker {self.worker.id} "
                              "(it failed, was dropped, or its deadline passed)")
         return self.open

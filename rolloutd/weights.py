@@ -216,12 +216,13 @@ def named_list(named_tensors) -> list:
 
 
 def targets(status: dict, key: str, wanted: Iterable[str] | None) -> list[str]:
-    """The workers an update from a buffer on `key` reaches: every rank of theirs on that GPU, or, from host
-    memory, on this host. `wanted` names them explicitly (each must be reachable)."""
+    """The workers an update from a buffer on `key` reaches: those with a rank on that GPU (a worker whose
+    ranks use several GPUs takes the other GPUs' tensors from the trainer processes there), or, from host
+    memory, those on this host. `wanted` names them explicitly (each must be reachable)."""
     host = socket.gethostname()
     reach = {}
     for w in status["workers"]:
-        ok = (w.get("host", "") in ("", host)) if key == "host" else set(w["devices"]) == {key}
+        ok = (w.get("host", "") in ("", host)) if key == "host" else key in w["devices"]
         reach[w["id"]] = ok
     if wanted is not None:
         wanted = list(wanted)
@@ -235,7 +236,7 @@ def targets(status: dict, key: str, wanted: Iterable[str] | None) -> list[str]:
         return wanted
     out = [n for n, ok in reach.items() if ok]
     if not out:
-        where = f"on host {host}" if key == "host" else f"with all their ranks on GPU {key}"
+        where = f"on host {host}" if key == "host" else f"with a rank on GPU {key}"
         raise BadRequest(f"no registered worker {where} ({len(reach)} registered)")
     return out
 
@@ -262,7 +263,8 @@ def steps(named: list, version: int, staging: Staging, workers: list[str], new_i
     common = dict(update=update, workers=workers, timeout_s=timeout_s)
     source = "cuda_ipc" if staging.device.type == "cuda" else "shm"
     begin = p.LoadWeights(cid=new_id(), version=version, source=source, pause=pause, atomic=atomic, wake=wake,
-                          trainer_pid=os.getpid(), manifest=[[n, dtype_name(t.dtype), list(t.shape)] for n, t in named], **common)
+                          trainer_pid=os.getpid(), device=staging.key,
+                          manifest=[[n, dtype_name(t.dtype), list(t.shape)] for n, t in named], **common)
     try:
         yield Send(begin)
         check((yield Wait(begin.cid)), "begin")

@@ -98,3 +98,62 @@ def test_a_trainer_with_expandable_segments_still_shares_its_buffers(gpu_daemon)
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[60]"
+
+
+# Llama-3-8B's shapes, HF's random init (normal, std 0.02): the logits of a 4096-wide final norm against such
+# an lm_head spread with std ~1.3, so a token the model does not favour lies nats below its top one, while
+# two bf16 implementations of the same weights differ by hundredths.
+PROMPTS_8B = [[1, 79, 64, 315, 98, 37], [1, 16, 89, 220, 16, 284], [1, 40, 103, 311]]  # ids the tiny tokenizer has
+TOKENS_8B = 8
+# bf16 through 32 layers, vLLM's kernels against HF's eager ones, measured on the H100: 0.09 and 0.13 at most;
+# with the dummy weights still in place, 7.1 and 2.4 (perf/results/gpu-tests-h100.log).
+NEAR_TOP_NATS = 0.25  # vLLM's greedy token, under HF's logits, at most this far below HF's best
+SAME_LOGPROB_NATS = 0.3  # vLLM's logprob of its token against HF's of the same token
+
+
+def teacher_forced(model, prompts, outs) -> list[list[tuple[float, float]]]:
+    """For each generated token: (HF's best logprob, HF's logprob of that token) given the same prefix."""
+    rows = []
+    with torch.no_grad():
+        for pr, out in zip(prompts, outs):
+            ids = torch.tensor([pr + out], device="cuda")
+            lp = torch.log_softmax(model(ids).logits[0, len(pr) - 1:-1].float(), dim=-1)
+            rows.append([(float(lp[i].max()), float(lp[i, t])) for i, t in enumerate(out)])
+    return rows
+
+
+def agreement(model, c: Client) -> dict:
+    res = c.generate(PROMPTS_8B, max_tokens=TOKENS_8B, min_tokens=TOKENS_8B, temperature=0.0, logprobs=True)
+    outs = [r.token_ids for r in res]
+    hf = teacher_forced(model, PROMPTS_8B, outs)
+    gaps = [best - mine for row in hf for best, mine in row]
+    diffs = [abs(mine - v) for row, r in zip(hf, res) for (_, mine), v in zip(row, r.logprobs)]
+    return {"versions": {r.weight_version for r in res}, "top": sum(g == 0 for g in gaps), "steps": len(gaps),
+            "max_gap": max(gaps), "max_logprob_diff": max(diffs), "tokens": outs}
+
+
+def test_the_8b_shape_updated_through_cuda_ipc_decodes_as_hf_does():
+    """The 8B shape in bf16 (dummy weights at start), updated from this process's HF model: every greedy
+    token of the engine is HF's best, or within bf16 noise of it, teacher-forced on the same prefix; and
+    before the update the same check fails, so it can tell."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rolloutd.models import SHAPE_8B, config_only
+    from rolloutd.testing import Daemon as UpDaemon
+
+    folder = config_only(SHAPE_8B)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.bfloat16).eval()
+    engine = ("--engine-arg", "load_format=dummy", "--gpu-memory-utilization", "0.35", "--enforce-eager",
+              "--max-model-len", "4096", "--drain-s", "2")
+    with UpDaemon(folder, workers=1, extra=engine, ready_timeout_s=600) as d, Client(d.front, timeout=600) as c:
+        before = agreement(model, c)
+        assert before["max_gap"] > 1.0, before  # dummy weights: the engine picks what HF does not
+        out = c.update_weights(model.named_parameters(), 1, atomic=False)
+        assert [v["weight_version"] for v in out.values()] == [1]
+        after = agreement(model, c)
+        print("before", before, "\nafter", after)
+        assert after["versions"] == {1}
+        assert after["max_gap"] <= NEAR_TOP_NATS and after["max_logprob_diff"] <= SAME_LOGPROB_NATS, after
+        assert after["top"] >= after["steps"] // 2, after

@@ -66,6 +66,7 @@ class Receiver:
         self.staged: list[tuple[str, torch.Tensor]] = []
         self.started = False  # direct mode: the model is being written
         self.loaded_bytes = 0
+        self.got: set[str] = set()  # the manifest's names this rank has taken so far
         self.trainers: set[int] = set()  # pids of the trainers that began updates here (same host)
         self._checkpoint: dict[str, tuple[str, tuple]] | None = None
 
@@ -119,6 +120,7 @@ class Receiver:
             self.trainers.add(trainer_pid)
         self.manifest = self._checked(manifest, same_dtype=True)
         self.update, self.atomic, self.staged, self.started, self.loaded_bytes = update, atomic, [], False, 0
+        self.got = set()
         return {"tensors": len(self.manifest), "checked_against_checkpoint": bool(self.checkpoint_manifest())}
 
     def _checked(self, manifest: list, same_dtype: bool) -> dict[str, tuple[str, tuple]]:
@@ -151,11 +153,9 @@ class Receiver:
     def load(self, update: str, buffers: dict, tensors: list) -> dict:
         if update != self.update:
             raise Refused("bad_request", f"no weight update {update!r} is open on this rank")
-        key = self.device_key()
-        handle = buffers.get(key)
+        handle = buffers.get(self.device_key()) or buffers.get("host")  # any rank can read this host's memory
         if handle is None:
-            raise Refused("bad_request", f"the bucket has no buffer for this rank's device {key} "
-                                         f"(it has {sorted(buffers)})")
+            return {"tensors": 0}  # another GPU's trainer feeds this rank (the commit checks that one did)
         buf = self._open(handle)
         views = []
         for name, dtype, shape, offset in tensors:
@@ -180,6 +180,7 @@ class Receiver:
         finally:
             del views
         self.loaded_bytes += sum(_nbytes(_dtype(d), s) for _, d, s, _ in tensors)
+        self.got.update(name for name, *_ in tensors)
         return {"tensors": len(tensors)}
 
     def end(self, update: str, commit: bool) -> dict:
@@ -187,6 +188,12 @@ class Receiver:
             raise Refused("bad_request", f"no weight update {update!r} is open on this rank")
         if not commit:
             return self._drop()
+        missing = [n for n in self.manifest if n not in self.got]
+        if missing:
+            self._drop()
+            raise Refused("bad_request", f"the rank on {self.device_key()} got {len(self.got)} of the update's "
+                                         f"{len(self.manifest)} tensors (not {missing[:3]}...): a worker whose ranks "
+                                         "use several GPUs needs the tensors from a trainer on each")
         try:
             if self.atomic:
                 self._start()
@@ -207,10 +214,12 @@ class Receiver:
         for f in files:
             tensors.extend(load_file(f).items())
         # A checkpoint may hold another float dtype than the engine serves: load_weights casts, as at start.
-        self._checked([[n, str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in tensors], same_dtype=False)
+        manifest = self._checked([[n, str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in tensors],
+                                 same_dtype=False)
         if self.update is not None:
             self._drop()
         self.update, self.atomic, self.staged, self.started, self.loaded_bytes = "path", True, tensors, False, 0
+        self.manifest, self.got = manifest, set(manifest)
         self.loaded_bytes = sum(t.numel() * t.element_size() for _, t in tensors)
         return self.end("path", True)
 

@@ -89,15 +89,16 @@ def rolloutd_runs(folder: str, named: dict, args, device, engine: tuple) -> dict
         if args.atomic_repeat >= 0:
             plan.append(("rolloutd atomic", True, args.atomic_repeat, sizes[0]))
         for label, atomic, repeat, mb in plan:
-            times, parts = [], []
+            times, parts, mine = [], [], []
             for _ in range(repeat + 1):  # the first opens the buffers in the engine
                 version += 1
                 t0 = time.perf_counter()
                 out = c.update_weights(named, version, atomic=atomic, bucket_bytes=mb << 20)
                 times.append(time.perf_counter() - t0)
                 parts.append(next(iter(out.values()))["ms"])
-            res[label] = {"first_s": times[0], "trials_s": times[1:], "worker_ms": parts[1:]}
-            print(f"{label}: worker's parts (ms) {parts[-1]}", flush=True)
+                mine.append(next(iter(out.values()))["trainer_ms"])
+            res[label] = {"first_s": times[0], "trials_s": times[1:], "worker_ms": parts[1:], "trainer_ms": mine[1:]}
+            print(f"{label}: worker's parts (ms) {parts[-1]}; trainer's {mine[-1]}", flush=True)
             print(f"{label}: first {times[0] * 1e3:.1f} ms, then {[round(t * 1e3, 1) for t in times[1:]]} ms", flush=True)
         res["check"] = check_values(c.read_weights(args.check, count=8), named, args.check)
         out = c.generate([[11, 12, 13, 14]], max_tokens=4, temperature=0.0)

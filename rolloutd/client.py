@@ -115,7 +115,7 @@ class _Base:
         return msgs
 
     def _update_flow(self, named_tensors, version: int, status: dict, deadline: float, *, bucket_bytes: int,
-                     pause: str, atomic: bool, wake: bool, workers):
+                     pause: str, atomic: bool, wake: bool, workers, started: float):
         named = weights.named_list(named_tensors)
         device = named[0][1].device
         staging = self._staging.get(str(device))
@@ -123,7 +123,8 @@ class _Base:
             staging = self._staging[str(device)] = weights.Staging(device)
         to = weights.targets(status, staging.key, workers)
         return weights.steps(named, version, staging, to, self.new_id, bucket_bytes=bucket_bytes, pause=pause,
-                             atomic=atomic, wake=wake, timeout_s=max(1.0, deadline - time.monotonic()))
+                             atomic=atomic, wake=wake, timeout_s=max(1.0, deadline - time.monotonic()),
+                             started=started)
 
     def _path_msg(self, path: str, version: int, deadline: float, *, pause: str, wake: bool, workers) -> p.LoadWeights:
         return p.LoadWeights(cid=self.new_id(), update=uuid.uuid4().hex[:16], version=version, source="path",
@@ -381,12 +382,16 @@ class Client(_Base):
         weights serving; False loads each bucket straight in (faster, no extra memory), and a failure
         part-way leaves those workers refusing requests (WeightsIncomplete) until a complete update lands.
         wake: a sleeping worker wakes first (else the update fails with Paused). workers: worker names, if
-        not every reachable one. Returns {worker: what it reported}. Raises the typed error of the first
+        not every reachable one. Returns {worker: what it reported, with "trainer_ms": where this call's
+        time went here (prepare: status and manifest; begin: until the workers began, the first two
+        buckets packed meanwhile; buckets: from then to the last bucket's answer; pack: copying into the
+        buffers, of all buckets; commit)}. Raises the typed error of the first
         failure (BadRequest for tensors the model does not have as sent, WorkerLost, RequestTimeout...),
         after every worker has dropped the update."""
+        started = time.perf_counter()
         deadline = self._start(timeout)
         flow = self._update_flow(named_tensors, version, self.status(), deadline, bucket_bytes=bucket_bytes,
-                                 pause=pause, atomic=atomic, wake=wake, workers=workers)
+                                 pause=pause, atomic=atomic, wake=wake, workers=workers, started=started)
         return self._drive(flow, deadline)
 
     def load_weights_from_path(self, path: str, version: int, *, pause: str = "wait", wake: bool = False,
@@ -683,9 +688,10 @@ class AsyncClient(_Base):
                              pause: str = "wait", atomic: bool = True, wake: bool = False, workers=None,
                              timeout: float | None = None) -> dict:
         """As Client.update_weights."""
+        started = time.perf_counter()
         deadline = self._deadline(timeout)
         flow = self._update_flow(named_tensors, version, await self.status(), deadline, bucket_bytes=bucket_bytes,
-                                 pause=pause, atomic=atomic, wake=wake, workers=workers)
+                                 pause=pause, atomic=atomic, wake=wake, workers=workers, started=started)
         loop = asyncio.get_running_loop()
         futures: dict[str, asyncio.Future] = {}
         answer = None

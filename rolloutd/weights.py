@@ -20,6 +20,7 @@ import dataclasses
 import mmap
 import os
 import socket
+import time
 import uuid
 from typing import Iterable
 
@@ -255,10 +256,13 @@ class Wait:
 
 
 def steps(named: list, version: int, staging: Staging, workers: list[str], new_id, *, bucket_bytes: int,
-          pause: str, atomic: bool, wake: bool, timeout_s: float):
+          pause: str, atomic: bool, wake: bool, timeout_s: float, started: float | None = None):
     """The update as a generator of Send / Wait; the driver sends each Send and answers each Wait with the
-    reply message. Returns {worker: its commit reply data}. Any failed reply drops the update on every
-    worker and raises the first failure's typed error."""
+    reply message. Returns {worker: its commit reply data, with "trainer_ms"}. Any failed reply drops the
+    update on every worker and raises the first failure's typed error. `started`: time.perf_counter() when
+    the caller began, for trainer_ms."""
+    marks = {"start": time.perf_counter() if started is None else started}
+    pack = 0.0
     update = uuid.uuid4().hex[:16]
     common = dict(update=update, workers=workers, timeout_s=timeout_s)
     source = "cuda_ipc" if staging.device.type == "cuda" else "shm"
@@ -266,24 +270,35 @@ def steps(named: list, version: int, staging: Staging, workers: list[str], new_i
                           trainer_pid=os.getpid(), device=staging.key,
                           manifest=[[n, dtype_name(t.dtype), list(t.shape)] for n, t in named], **common)
     try:
+        marks["prepare"] = time.perf_counter()
         yield Send(begin)
-        check((yield Wait(begin.cid)), "begin")
+        # The first two buckets are packed and sent while the workers pause and check the manifest: a
+        # worker holds them until its ranks have begun, and refuses them if the begin failed.
         buckets = plan(named, bucket_bytes)
         staging.ensure(max(b.nbytes for b in buckets))
         sent: list[str] = []
         for i, b in enumerate(buckets):
+            if i == 2:
+                check((yield Wait(begin.cid)), "begin")
+                marks["begin"] = time.perf_counter()
             if i >= 2:  # the buffer this bucket goes to held bucket i-2: it must be loaded first
                 check((yield Wait(sent[i - 2])), f"bucket {i - 2}")
             buf = staging.buffers[i % 2]
+            t0 = time.perf_counter()
             for _, t, off in b.entries:
                 buf.put(off, t)
             buf.ready()
+            pack += time.perf_counter() - t0
             msg = p.WeightsBucket(cid=new_id(), index=i, buffer={staging.key: buf.handle()}, tensors=b.layout(),
                                   **common)
             yield Send(msg)
             sent.append(msg.cid)
+        if len(buckets) < 3:
+            check((yield Wait(begin.cid)), "begin")
+            marks["begin"] = time.perf_counter()
         for cid in sent[max(0, len(sent) - 2):]:
             check((yield Wait(cid)), f"bucket {sent.index(cid)}")
+        marks["buckets"] = time.perf_counter()
     except Exception:
         # Best effort: the workers that took part drop it and serve on (they would after timeout_s anyway);
         # waiting for that means the caller's next generate sees them serving again.
@@ -294,7 +309,11 @@ def steps(named: list, version: int, staging: Staging, workers: list[str], new_i
     end = p.WeightsEnd(cid=new_id(), commit=True, **common)
     yield Send(end)
     reply = check((yield Wait(end.cid)), "commit")
-    return {name: w.get("data", {}) for name, w in reply.workers.items()}
+    marks["commit"] = time.perf_counter()
+    keys = list(marks)
+    ms = {k: round((marks[k] - marks[prev]) * 1e3, 2) for prev, k in zip(keys, keys[1:])}
+    ms["pack"] = round(pack * 1e3, 2)
+    return {name: {**w.get("data", {}), "trainer_ms": ms} for name, w in reply.workers.items()}
 
 
 def check(msg, what: str):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work of a session, in one call on the lent H100 (device tool), from the repo root, once
-# /tmp/ship holds vllm.part.* and wheels.tar (see ../shared/gpu/prepare.sh). Carries: .gpu/wheels.tar,
-# .gpu/setup.sh, .gpu/extra (msgpack, tqdm, pytest wheels the image lacks), .gpu/models (the tiny model).
+# /tmp/ship holds vllm.part.* and wheels.tar. Carries: .gpu/wheels.tar, .gpu/setup.sh, .gpu/extra (wheels
+# the image lacks), .gpu/models (the tiny model); perf/gpu_kit.sh builds them all here.
 # Runs the tests marked gpu, then the benchmarks; logs and JSON results go to $OUT.
 set -uo pipefail
 cp .gpu/wheels.tar /tmp/ship/ 2>/dev/null

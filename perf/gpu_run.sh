@@ -7,7 +7,7 @@ set -uo pipefail
 cp .gpu/wheels.tar /tmp/ship/ 2>/dev/null
 source .gpu/setup.sh || exit 1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/extra/*.whl 2>&1 | grep -v WARNING
-export ROLLOUTD_CACHE=$PWD/.gpu PYTHONPATH=$PWD:$PYTHONPATH BENCH_TAG=h100 PYTHONUNBUFFERED=1
+export ROLLOUTD_CACHE=$PWD/.gpu PYTHONPATH=$PWD:$PYTHONPATH BENCH_TAG=${BENCH_TAG:-h100} PYTHONUNBUFFERED=1
 nvidia-smi -L
 touch "$OUT/.start"
 [ -z "${SKIP_GPU_TESTS:-}" ] && python3 -m pytest -m gpu -v -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu.py tests/test_gpu_weights.py} 2>&1 | grep -v "^(EngineCore\|^(Worker" | tee "$OUT/gpu-tests.log"
@@ -21,8 +21,9 @@ for b in ${GPU_BENCH-roundtrip abort}; do
     trace) python3 trace_abort.py --inflight 512 --repeat 30 --detail 3 ;;
     weights) python3 bench_weights.py --repeat 5 --bucket-mb 1024,2048 ;;
     ipcopen) python3 bench_ipc_open.py --repeat 5 ;;
+    weights_tp) python3 bench_weights_tp.py --repeat 5 --bucket-mb 1024,2048 ;;  # 2 GPUs
   esac 2>&1 | grep -v "^(EngineCore\|^(Worker\|^INFO" | tail -120 | tee "$OUT/bench-$b.log"
   # after each, what it wrote: a call cut short keeps what ran
-  find results -maxdepth 1 -newer "$OUT/.start" -name "*-h100*" -exec cp {} "$OUT/" \;
+  find results -maxdepth 1 -newer "$OUT/.start" -name "*-$BENCH_TAG*" -exec cp {} "$OUT/" \;
 done
 ls -la "$OUT"

@@ -178,10 +178,6 @@ class WeightUpdates:
         if self.open is not cur:
             return {"dropped": False}
         log.warning("weight update %s dropped: %s", cur.update, why)
-        if not cur.outcome.done():  # parts that ended already and wait for the others
-            cur.outcome.set_exception(BadRequest(f"weight update v{cur.version} was dropped on worker "
-                                                 f"{self.worker.id}: {why}"))
-            cur.outcome.exception()  # retrieved here: no part may be waiting
         incomplete = not cur.atomic and cur.buckets > 0
         try:
             results = await asyncio.wait_for(self.engine.collective_rpc("rolloutd_weights_end", args=(cur.update, False)),
@@ -199,6 +195,10 @@ class WeightUpdates:
             await self.worker.fail_all(WeightsIncomplete(f"worker {self.worker.id}: a weight update failed "
                                                          "part-way; it serves again once a complete update lands"))
         await self._close(cur)
+        if not cur.outcome.done():  # parts that ended already and wait for the others hear it once it is over
+            cur.outcome.set_exception(BadRequest(f"weight update v{cur.version} was dropped on worker "
+                                                 f"{self.worker.id}: {why}"))
+            cur.outcome.exception()  # retrieved here: no part may be waiting
         return {"dropped": True, "incomplete": incomplete, "weight_version": self.worker.weight_version}
 
     async def _close(self, cur: _Open) -> None:
@@ -218,8 +218,8 @@ class WeightUpdates:
             await asyncio.sleep(timeout_s)
             async with cur.lock:
                 missing = cur.expected - set(cur.parts.values())
-                await self._drop(cur, f"no word from the trainer for {timeout_s:.0f} s" if not missing else
-                                 f"no trainer on {sorted(missing)} joined it in {timeout_s:.0f} s: a worker whose "
+                await self._drop(cur, f"no word from the trainer for {timeout_s:g} s" if not missing else
+                                 f"no trainer on {sorted(missing)} joined it in {timeout_s:g} s: a worker whose "
                                  "ranks use several GPUs takes each update from one trainer process per GPU, each "
                                  "calling update_weights with the same version")
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from . import protocol as p
 from .errors import BadRequest, Busy, EngineError, Paused, WeightsIncomplete, from_code
+from .hijack.devices import GPU_PREFIX, HOST
 
 log = logging.getLogger("rolloutd.worker")
 
@@ -93,9 +94,9 @@ class WeightUpdates:
 
     def _expected(self, device: str) -> set:
         """The devices an update from `device` needs a part from: shared memory reaches every rank."""
-        if device in ("", "host"):
-            return {"host"}
-        gpus = {d for d in self.worker.devices if d.startswith("GPU-")}
+        if device in ("", HOST):
+            return {HOST}
+        gpus = {d for d in self.worker.devices if d.startswith(GPU_PREFIX)}
         if device not in gpus:
             raise BadRequest(f"worker {self.worker.id} has no engine rank on {device} (its ranks: "
                              f"{sorted(self.worker.devices)})")

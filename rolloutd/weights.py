@@ -26,6 +26,7 @@ from typing import Iterable
 
 from . import protocol as p
 from .errors import BadRequest, RolloutdError, from_code
+from .hijack.devices import HOST, buffer_key
 
 ALIGN = 256  # every tensor's offset in a buffer: any dtype's views are aligned, as CUDA kernels like
 DEFAULT_BUCKET_BYTES = 1 << 30
@@ -40,13 +41,6 @@ def _torch():
 
 def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def device_key(device) -> str:
-    """How workers name the device a buffer lives on: a GPU's UUID, or "host" for CPU memory."""
-    if device.type == "cuda":
-        return "GPU-" + str(_torch().cuda.get_device_properties(device).uuid)
-    return "host"
 
 
 @dataclasses.dataclass
@@ -183,7 +177,7 @@ class Staging:
 
     def __init__(self, device):
         self.device = device
-        self.key = device_key(device)
+        self.key = buffer_key(device)
         self.buffers: list = []
 
     def ensure(self, size: int) -> None:
@@ -223,7 +217,7 @@ def targets(status: dict, key: str, wanted: Iterable[str] | None) -> list[str]:
     host = socket.gethostname()
     reach = {}
     for w in status["workers"]:
-        ok = (w.get("host", "") in ("", host)) if key == "host" else key in w["devices"]
+        ok = (w.get("host", "") in ("", host)) if key == HOST else key in w["devices"]
         reach[w["id"]] = ok
     if wanted is not None:
         wanted = list(wanted)
@@ -232,12 +226,12 @@ def targets(status: dict, key: str, wanted: Iterable[str] | None) -> list[str]:
             raise BadRequest(f"no registered worker named {missing}")
         far = [n for n in wanted if not reach[n]]
         if far:
-            where = "this host" if key == "host" else f"GPU {key}"
+            where = "this host" if key == HOST else f"GPU {key}"
             raise BadRequest(f"worker(s) {far} cannot read buffers on {where}")
         return wanted
     out = [n for n, ok in reach.items() if ok]
     if not out:
-        where = f"on host {host}" if key == "host" else f"with a rank on GPU {key}"
+        where = f"on host {host}" if key == HOST else f"with a rank on GPU {key}"
         raise BadRequest(f"no registered worker {where} ({len(reach)} registered)")
     return out
 

@@ -21,12 +21,12 @@ class WorkerExtension:
     def rolloutd_device_uuid(self) -> str:
         """The GPU UUID this rank runs on ("cpu" on a CPU engine): trainers match weights to workers by
         it, since CUDA_VISIBLE_DEVICES renumbers devices differently in every process."""
-        import torch
+        from .devices import gpu_key
 
         device = getattr(self, "device", None)
         if device is None or device.type != "cuda":
             return "cpu"
-        return "GPU-" + str(torch.cuda.get_device_properties(device).uuid)
+        return gpu_key(device)
 
     def _rolloutd_receiver(self):
         rx = getattr(self, "_rolloutd_rx", None)

@@ -24,6 +24,8 @@ import socket
 
 import torch
 
+from .devices import HOST, buffer_key
+
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "rolloutd-"
 # Staging buffers kept open at once: two per trainer process is the usual; an evicted one is opened again.
@@ -82,9 +84,7 @@ class Receiver:
 
     def device_key(self) -> str:
         """The key of this rank's buffer in WeightsBucket.buffer: its GPU UUID, else "host"."""
-        if self.device.type == "cuda":
-            return "GPU-" + str(torch.cuda.get_device_properties(self.device).uuid)
-        return "host"
+        return buffer_key(self.device)
 
     def _model_dtype(self) -> torch.dtype:
         return self.worker.vllm_config.model_config.dtype
@@ -153,7 +153,7 @@ class Receiver:
     def load(self, update: str, buffers: dict, tensors: list) -> dict:
         if update != self.update:
             raise Refused("bad_request", f"no weight update {update!r} is open on this rank")
-        handle = buffers.get(self.device_key()) or buffers.get("host")  # any rank can read this host's memory
+        handle = buffers.get(self.device_key()) or buffers.get(HOST)  # any rank can read this host's memory
         if handle is None:
             return {"tensors": 0}  # another GPU's trainer feeds this rank (the commit checks that one did)
         buf = self._open(handle)

@@ -4,8 +4,8 @@ collective_rpc), then publish the new version and resume, or drop the update and
 One update is open at a time. A worker whose ranks use several GPUs takes it from one trainer process per
 GPU, each sending its own LoadWeights / WeightsBucket / WeightsEnd (its "part"; each engine rank reads the
 buffers on its own GPU): the first part begins the update, the others join it, and it commits when every
-part has ended; any part's failure drops it for all. While it is open, generation is paused in the caller's mode (unless it was paused
-already, by the caller's own pause). It ends by the trainer's WeightsEnd, by a failure, or by its deadline:
+part has ended; any part's failure drops it for all. While it is open, generation is paused in the
+caller's mode (unless it was paused already, by the caller's own pause). It ends by the trainer's WeightsEnd, by a failure, or by its deadline:
 a trainer that goes silent for `timeout_s` (killed half-way, say) has its update dropped, so no worker
 waits for it forever. After a dropped atomic update the old weights serve as before; after a dropped
 direct one the worker refuses requests (WeightsIncomplete) until a complete update lands.
@@ -78,19 +78,11 @@ class WeightUpdates:
                 data = await self._rpc("rolloutd_weights_begin", msg.update, msg.manifest, msg.atomic,
                                        msg.trainer_pid, timeout=msg.timeout_s)
                 cur.ms["begin"] = (time.monotonic() - t0) * 1e3
-            except BaseException as e:
-                await self._drop_unbegun(cur, e)
+            except BaseException:
+                await self._close(cur)  # the ranks did not begin: nothing to undo, and no part waits at its end
                 raise
             self._arm(cur, msg.timeout_s)
             return data
-
-    async def _drop_unbegun(self, cur: _Open, e: BaseException) -> None:
-        """The update failed before its ranks began: nothing to undo in the engine."""
-        if not cur.outcome.done():
-            cur.outcome.set_exception(BadRequest(f"weight update v{cur.version} failed to begin on worker "
-                                                 f"{self.worker.id}: {e}"))
-            cur.outcome.exception()
-        await self._close(cur)
 
     def _expected(self, device: str) -> set:
         """The devices an update from `device` needs a part from: shared memory reaches every rank."""

@@ -56,16 +56,22 @@ def test_sleep_level_1_refuses_work_and_wake_restores_the_same_weights(gpu_daemo
     assert [r.token_ids for r in after] == [r.token_ids for r in before]
 
 
-def test_abort_all_with_512_in_flight_closes_every_stream(gpu_daemon):
+def abort_all_in_flight(front: str, n: int) -> tuple:
+    """n long requests in flight for a second, then abort_all: its reply, the results, and how long from
+    the abort until every stream had ended (s)."""
     async def main():
-        async with AsyncClient(gpu_daemon.front, timeout=300) as c:
-            task = asyncio.create_task(c.generate(prompts(512), max_tokens=3000, ignore_eos=True))
+        async with AsyncClient(front, timeout=300) as c:
+            task = asyncio.create_task(c.generate(prompts(n), max_tokens=3000, ignore_eos=True))
             await asyncio.sleep(1.0)
             t0 = time.perf_counter()
             reply = await c.abort_all()
             results = await asyncio.wait_for(task, 30)
             return reply, results, time.perf_counter() - t0
-    reply, results, took = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_abort_all_with_512_in_flight_closes_every_stream(gpu_daemon):
+    reply, results, took = abort_all_in_flight(gpu_daemon.front, 512)
     assert reply.ok
     assert len(results) == 512 and all(r.finish_reason == "abort" for r in results)
     assert took < 1.0, took

@@ -3,24 +3,23 @@ each reporting its own GPU, sharing 512 requests, aborting them all, draining on
 worker over both GPUs that decodes as vLLM in-process with the same TP; and weight updates from two trainer
 processes, one per GPU, into two TP=1 workers and into one TP=2 worker, each engine rank reading the trainer
 on its own GPU (matched by UUID)."""
-import asyncio
 import collections
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from rolloutd import AsyncClient, Client  # noqa: E402
+from rolloutd import Client  # noqa: E402
 
 from .conftest import Daemon, inprocess_greedy  # noqa: E402
 from .test_daemon import prompts  # noqa: E402
+from .test_gpu import abort_all_in_flight  # noqa: E402
 from .test_gpu_weights import hf_greedy, served  # noqa: E402
 from .test_lifecycle import stop_and_check  # noqa: E402
-from .test_weights import perturbed  # noqa: E402
+from .test_weights import perturbed, tiny_state  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
@@ -56,15 +55,7 @@ def test_512_requests_are_shared_by_both_gpus(two):
 
 
 def test_abort_all_with_512_in_flight_on_two_gpus(two):
-    async def main():
-        async with AsyncClient(two.front, timeout=300) as c:
-            task = asyncio.create_task(c.generate(prompts(512), max_tokens=3000, ignore_eos=True))
-            await asyncio.sleep(1.0)
-            t0 = time.perf_counter()
-            reply = await c.abort_all()
-            results = await asyncio.wait_for(task, 30)
-            return reply, results, time.perf_counter() - t0
-    reply, results, took = asyncio.run(main())
+    reply, results, took = abort_all_in_flight(two.front, 512)
     assert reply.ok
     assert len(results) == 512 and all(r.finish_reason == "abort" for r in results)
     assert len({r.worker for r in results}) == 2
@@ -91,25 +82,21 @@ def test_a_tp2_worker_decodes_as_vllm_in_process_with_tp2(tmp_path):
 
 
 TRAINER = """
-import os, sys, torch
-from safetensors.torch import load_file
+import sys
 from rolloutd import Client
-from tests.test_weights import perturbed
+from tests.test_weights import perturbed, tiny_state
 front, seed, version = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-state = perturbed({k: v.float() for k, v in load_file(sys.argv[4]).items()}, seed)
+state = perturbed(tiny_state(), seed)
 state = {k: v.cuda() for k, v in state.items()}
 with Client(front, timeout=300) as c:
-    out = c.update_weights(state, version, bucket_bytes=256 << 10, atomic=sys.argv[5] == "atomic")
+    out = c.update_weights(state, version, bucket_bytes=256 << 10, atomic=sys.argv[4] == "atomic")
 print({w: r["weight_version"] for w, r in out.items()})
 """
 
 
 def two_trainers(front: str, seed: int, version: int, atomic: bool) -> list[str]:
     """A trainer process on each GPU (CUDA_VISIBLE_DEVICES), both sending the same weights at once."""
-    from rolloutd.models import prepare
-
-    st = os.path.join(prepare("tiny"), "model.safetensors")
-    procs = [subprocess.Popen([sys.executable, "-c", TRAINER, front, str(seed), str(version), st,
+    procs = [subprocess.Popen([sys.executable, "-c", TRAINER, front, str(seed), str(version),
                                "atomic" if atomic else "direct"], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**os.environ, "CUDA_VISIBLE_DEVICES": str(i)}) for i in range(2)]
@@ -119,14 +106,6 @@ def two_trainers(front: str, seed: int, version: int, atomic: bool) -> list[str]
         assert proc.returncode == 0, err[-3000:]
         outs.append(out.strip().splitlines()[-1])
     return outs
-
-
-def original_state() -> dict:
-    from safetensors.torch import load_file
-
-    from rolloutd.models import prepare
-
-    return {k: v.float() for k, v in load_file(os.path.join(prepare("tiny"), "model.safetensors")).items()}
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["two-tp1-workers", "one-tp2-worker"])
@@ -140,7 +119,7 @@ def test_two_trainer_processes_one_per_gpu_update_the_engine_ranks_beside_them(t
                 outs = two_trainers(d.front, seed=100 + version, version=version, atomic=atomic)
                 # each trainer hears of the workers it reached: its GPU's worker, or the one TP=2 worker
                 assert len(outs) == 2 and all(f": {version}" in o for o in outs), outs
-                new = perturbed(original_state(), 100 + version)
+                new = perturbed(tiny_state(), 100 + version)
                 tokens, seen = served(c)
                 assert seen == {version}
                 assert tokens == hf_greedy(new)

@@ -15,7 +15,7 @@ from rolloutd import Client, Paused  # noqa: E402
 from rolloutd.models import prepare  # noqa: E402
 
 from .conftest import Daemon  # noqa: E402
-from .test_weights import PROMPTS, TOKENS, perturbed  # noqa: E402
+from .test_weights import PROMPTS, TOKENS, perturbed, tiny_state  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -31,9 +31,7 @@ def gpu_daemon(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def original():
-    from safetensors.torch import load_file
-
-    return {k: v.float().cuda() for k, v in load_file(os.path.join(prepare("tiny"), "model.safetensors")).items()}
+    return {k: v.cuda() for k, v in tiny_state().items()}
 
 
 def hf_greedy(state: dict) -> list[list[int]]:

@@ -32,9 +32,14 @@ def daemon(tmp_path_factory):
     d.stop()
 
 
+def tiny_state() -> dict:
+    """The tiny model's tensors, in float32 (the test daemons serve float32), on the CPU."""
+    return {k: v.float() for k, v in load_file(os.path.join(prepare("tiny"), "model.safetensors")).items()}
+
+
 @pytest.fixture(scope="module")
 def original():
-    return {k: v.float() for k, v in load_file(os.path.join(prepare("tiny"), "model.safetensors")).items()}
+    return tiny_state()
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,19 @@
 """What the benchmarks share: a daemon in a subprocess, machine facts, and writing results (JSON + plot)."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
 import platform
 import socket
+import subprocess
 import time
 
 from rolloutd import testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "perf", "results")
+RESULTS = os.environ.get("BENCH_RESULTS") or os.path.join(ROOT, "perf", "results")  # elsewhere for the tests
 
 
 def freeze_heap() -> None:
@@ -38,6 +40,10 @@ def machine() -> dict:
         import vllm
         info["vllm"] = vllm.__version__
     except ImportError:
+        pass
+    try:
+        info["ray"] = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
         pass
     return info
 
@@ -67,14 +73,28 @@ def tagged(name: str) -> str:
     return f"{name}-{tag}" if tag else name
 
 
-def save(name: str, result: dict, command: str) -> dict:
+def commit() -> str:
+    """The code measured: git's HEAD here, with "+changes" if the tree differs from it; on the GPU machine
+    (a copy of the tree without .git), $BENCH_COMMIT as the command line set it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("BENCH_COMMIT", "unknown")
+
+
+def save(name: str, result: dict, command: str, echo: bool = True) -> dict:
     result = {"benchmark": name, "tag": os.environ.get("BENCH_TAG", ""), "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "machine": machine(), **result}
+              "commit": commit(), "machine": machine(), **result}
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{tagged(name)}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    print(json.dumps({k: v for k, v in result.items() if k != "cdf_us"}, indent=2))
+    if echo:
+        print(json.dumps({k: v for k, v in result.items() if k != "cdf_us"}, indent=2))
     result["_path"] = path
     return result
 

@@ -19,6 +19,7 @@ requests from trainers out to one vLLM worker per GPU over ZeroMQ.
   rolloutd generate --prompt "Hello"          ask the running daemon
   rolloutd status                             its workers
   rolloutd models prepare smollm2             build a built-in model (smollm2, tiny) into the cache
+  rolloutd bench                              in-process vLLM vs rolloutd vs Ray, same engines, same run
 """
 
 
@@ -430,7 +431,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the keys folder (default: $ROLLOUTD_KEYS, else ~/.config/rolloutd/keys)")
     kp.add_argument("--force", action="store_true", help="replace existing keys (every host then needs the new files)")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("bench", add_help=False, prefix_chars="\0",
+                       help="the same workloads on vLLM in-process, through rolloutd and through Ray, side by side "
+                            "(perf/bench.py of a source checkout; `rolloutd bench --help`)")
+    p.add_argument("args", nargs="*", help="perf/bench.py's own options")
+    p.set_defaults(func=cmd_bench)
     return ap
+
+
+def cmd_bench(a) -> int:
+    from .preflight import UsageError
+    from .testing import SOURCE
+
+    script = os.path.join(SOURCE, "perf", "bench.py")
+    if not os.path.exists(script):
+        raise UsageError(f"the benchmark harness lives in a source checkout (perf/bench.py); none beside {SOURCE}")
+    os.execv(sys.executable, [sys.executable, script, *a.args])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,29 @@ def test_the_fuzzers_valid_messages_decode_and_every_kind_is_sent():
     assert {c.ident for c in cases if c.side == "back"} == set(fm.WORKERS + fm.STRANGERS)
 
 
+def test_the_typed_header_decode_takes_what_the_checked_one_takes_and_nothing_else():
+    """protocol.decode's fast path (msgspec, typed) against its field-by-field checks, on the fuzzer's messages
+    (repeated keys, keys of every type, ext types, bad UTF-8, deep nesting...): whatever the fast path takes,
+    the checks take too, with the same values and types."""
+    f = fm.Fuzzer(SEED)
+    f.assigned.append((b"fz-w0", "r1", 2))
+    f.controls.append((b"fz-w0", "c1"))
+    typed = 0
+    for _ in range(MESSAGES):
+        frames = f.next().frames
+        if len(frames) < 2 or bytes(frames[0][:4]) != p.TAG or len(frames[0]) != 5 or frames[0][4] not in p._BY_CMD:
+            continue
+        cls = p._BY_CMD[frames[0][4]]
+        if len(frames[1]) > cls.MAX_HEADER:
+            continue
+        fast = p._typed_header(cls, frames[1])
+        if fast is None:
+            continue
+        typed += 1
+        assert repr(fast) == repr(p._checked_header(cls, frames[1])), (cls.__name__, bytes(frames[1])[:300])
+    assert typed > MESSAGES // 10  # the valid ones, and mutations that stay valid
+
+
 def test_the_harness_sees_a_dead_broker(tmp_path):
     """The fuzz must not run on past a broker that died (here: killed by the harness itself; valid messages
     only, so that no bug of the broker's ends it first)."""

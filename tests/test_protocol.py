@@ -233,3 +233,26 @@ def test_error_texts_show_any_value_briefly():
     text = p._show({"k": [[[[["x" * 1000]]]]], b"b": 1})
     assert len(text) < 200 and text.startswith("dict")
 
+
+
+def test_headers_decode_typed_yet_exactly_as_checked_field_by_field():
+    """decode takes a header through msgspec's typed decoder first (_typed_header) and falls back to the
+    field-by-field checks (_checked_header) for anything off: what it gives must not depend on the path."""
+    ping = p.encode(p.Ping(cid="c", target="w"))
+    assert p._typed_header(p.Ping, ping[1]) == p._checked_header(p.Ping, ping[1]) == {"cid": "c", "target": "w"}
+    # an int for a float field stays an int, as the checks let it
+    gen = p.decode(p.encode(p.Generate(rid="r", sampling={}, prompt="hi", timeout_s=5)), p.ANY)
+    assert type(gen.timeout_s) is int
+    # map keys other than str/bytes: msgpack refuses them (strict_map_key), msgspec would not
+    head = p.TAG + bytes([p.Cmd.REPLY])
+    bad = msgpack.packb({"cid": "c", "data": {1: 2}})
+    assert p._typed_header(p.Reply, bad) is None
+    with pytest.raises(ProtocolError, match="not valid msgpack"):
+        p.decode([head, bad], p.ANY)
+    # extension types: msgspec makes its own objects of them; the checked path keeps msgpack's, as before
+    ext = msgpack.packb({"cid": "c", "data": {"x": msgpack.ExtType(5, b"e")}})
+    assert p._typed_header(p.Reply, ext) is None
+    assert p.decode([head, ext], p.ANY).data == {"x": msgpack.ExtType(5, b"e")}
+    # a rule broken: the checked path names it
+    with pytest.raises(ProtocolError, match="Ping.cid must be str, 1..128 characters"):
+        p.decode([p.TAG + bytes([p.Cmd.PING]), msgpack.packb({"cid": "x" * 129})], p.ANY)

@@ -77,7 +77,7 @@ class _Base:
 
     def _dropped(self) -> bool:
         """Whether the connection to the broker dropped since last asked (reads the monitor's events)."""
-        if not self.events.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not sockets.readable(self.events):
             return False  # the common case, without a receive that raises
         dropped = False
         while True:
@@ -231,7 +231,7 @@ class Client(_Base):
             self.sock.setsockopt(zmq.SNDTIMEO, wait_ms)
             self._sndtimeo = wait_ms
         try:
-            self.sock.send_multipart(p.encode(msg), copy=False)
+            sockets.send(self.sock, p.encode(msg), copy=False)
         except zmq.Again:
             raise self._unreachable() from None
 
@@ -246,7 +246,7 @@ class Client(_Base):
             if self.events in ready and self._dropped():
                 raise self._lost()
             if self.sock in ready:
-                return _received(self.sock.recv_multipart(zmq.NOBLOCK))  # poll said one is there
+                return _received(sockets.recv(self.sock, zmq.NOBLOCK))  # poll said one is there
 
     def _timed_out(self, what: str, rids: Sequence[str] = ()) -> RolloutdError:
         if rids:  # nobody will wait for these any more: free the engine (best effort, never blocks)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -289,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     opts = replace(eng.EngineOptions(model=model), gpu_memory_utilization=util, enforce_eager=a.enforce_eager,
                    extra=extra)
 
+    # This process touches CUDA (device queries) before its in-process engines start their processes: those
+    # must be spawned, not forked, or CUDA refuses to start in them.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     got = asyncio.run(run(a, opts))
     result = save("bench", {
         "model": a.model, "size": a.size, "workers": a.workers, "repeat": a.repeat, "order": a.sides,

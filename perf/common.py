@@ -86,9 +86,12 @@ def commit() -> str:
         return os.environ.get("BENCH_COMMIT", "unknown")
 
 
+COMMIT = commit()  # at start: the code this process runs, whatever is committed while it runs
+
+
 def save(name: str, result: dict, command: str, echo: bool = True) -> dict:
     result = {"benchmark": name, "tag": os.environ.get("BENCH_TAG", ""), "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "commit": commit(), "machine": machine(), **result}
+              "commit": COMMIT, "machine": machine(), **result}
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{tagged(name)}.json")
     with open(path, "w") as f:

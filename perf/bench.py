@@ -105,9 +105,16 @@ async def abort_trial(side, k: int, after: float, tag: str) -> dict:
     tasks = [asyncio.create_task(run_request(side, p, LONG, f"{tag}-{i}", False))
              for i, p in enumerate(prompts(k, 8, salt=k))]
     await asyncio.sleep(after)
+    # Every request must be in an engine before the clock starts: a Ray call still on its way when the abort
+    # runs is not aborted (the actor runs calls concurrently, not in order) and would decode to its end.
+    give_up = time.monotonic() + 120
+    while await side.inflight() < k:
+        if time.monotonic() > give_up:
+            raise RuntimeError(f"{side.name}: {await side.inflight()} of {k} requests in flight after 120 s")
+        await asyncio.sleep(0.05)
     t0 = time.perf_counter()
     await side.abort_all()
-    done = await asyncio.gather(*tasks)
+    done = await asyncio.wait_for(asyncio.gather(*tasks), 300)
     took = time.perf_counter() - t0
     if any(d.tokens >= LONG["max_tokens"] for d in done):
         raise RuntimeError(f"{side.name}: a request ran to its end: the abort did not reach it")

@@ -24,9 +24,11 @@ for b in ${GPU_BENCH-roundtrip abort}; do
     weights_tp) python3 bench_weights_tp.py --repeat 5 --bucket-mb 1024,2048 ;;  # 2 GPUs
     # the three-way harness (Ray shipped too: gpu_kit.sh --with-ray), in pieces that fit a call
     bench_engine) BENCH_TAG=$BENCH_TAG-engine python3 bench.py --workloads short,long,fanout,stream --repeat 10 ;;
+    bench_short) BENCH_TAG=$BENCH_TAG-short python3 bench.py --workloads short,stream --repeat 10 ;;
+    bench_long) BENCH_TAG=$BENCH_TAG-long python3 bench.py --workloads long,fanout --repeat 10 ;;
     bench_control) BENCH_TAG=$BENCH_TAG-control python3 bench.py --workloads roundtrip,abort --repeat 10 ;;
     bench_8b) BENCH_TAG=$BENCH_TAG-8b python3 bench.py --model 8b --workloads short,long,fanout,stream --repeat 10 ;;
-  esac 2>&1 | grep -v "^(EngineCore\|^(Worker\|^INFO" | tail -120 | tee "$OUT/bench-$b.log"
+  esac 2>&1 | grep --line-buffered -v "^(EngineCore\|^(Worker\|^INFO" | tee "$OUT/bench-$b.log" | tail -120
   # after each, what it wrote: a call cut short keeps what ran
   find results -maxdepth 1 -newer "$OUT/.start" -name "*-$BENCH_TAG*" -exec cp {} "$OUT/" \;
 done

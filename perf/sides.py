@@ -93,6 +93,9 @@ class EngineHost:
         await self.engine.abort(rids)
         return len(rids)
 
+    async def count_inflight(self) -> int:
+        return len(self.inflight)
+
 
 def _count(samples: list[list[int]]) -> int:
     return sum(len(s) for s in samples)
@@ -125,6 +128,9 @@ class InProcess:
     async def abort_all(self) -> None:
         for h in self.hosts:
             await h.abort_all()
+
+    async def inflight(self) -> int:
+        return sum(len(h.inflight) for h in self.hosts)
 
     def ping(self) -> None:
         raise NotImplementedError("no control plane in-process")
@@ -169,6 +175,9 @@ class Rolloutd:
 
     async def abort_all(self) -> None:
         await self.client.abort_all()
+
+    async def inflight(self) -> int:
+        return sum(w["inflight"] for w in (await self.client.status(timeout=60))["workers"])
 
     def ping(self) -> None:
         self.sync.ping("worker")
@@ -217,6 +226,9 @@ class Ray:
 
     async def abort_all(self) -> None:
         await asyncio.gather(*(a.abort_all.remote() for a in self.actors))
+
+    async def inflight(self) -> int:
+        return sum(await asyncio.gather(*(a.count_inflight.remote() for a in self.actors)))
 
     def ping(self) -> None:
         import ray

@@ -74,8 +74,10 @@ def tagged(name: str) -> str:
 
 
 def commit() -> str:
-    """The code measured: git's HEAD here, with "+changes" if the tree differs from it; on the GPU machine
-    (a copy of the tree without .git), $BENCH_COMMIT as the command line set it."""
+    """The code measured: $BENCH_COMMIT where the command line sets it (the GPU machine's copy of the tree
+    may carry a stale .git), else git's HEAD here, with "+changes" if the tree differs from it."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()

@@ -34,11 +34,11 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 
-import msgpack
-import zmq
 from tqdm import tqdm
 
+from bench_roundtrip import ECHO, Raw
 from common import freeze_heap, maybe_plot, percentiles, save
+from report import ENGINE_WORKLOADS
 from sides import SIDES, run_request
 
 # (prompts, n, max_tokens, stream) per size
@@ -51,7 +51,6 @@ SIZES = {
     "8b": {"short": (256, 1, 4, False), "long": (64, 1, 512, False), "fanout": (16, 8, 256, False),
            "stream": (64, 1, 128, True)},
 }
-ENGINE_WORKLOADS = ("short", "long", "fanout", "stream")
 ALL = ENGINE_WORKLOADS + ("roundtrip", "abort")
 ABORT_SIZES = (64, 256, 512)
 LONG = {"max_tokens": 30000, "ignore_eos": True, "temperature": 1.0}  # no request ends before the abort
@@ -123,39 +122,19 @@ async def abort_trial(side, k: int, after: float, tag: str) -> dict:
 
 # ------------------------------------------------------------------------------------------ round trip
 
-ECHO = """
-import os, sys, msgpack, zmq
-s = zmq.Context().socket(zmq.ROUTER); s.bind(sys.argv[1])
-parent = os.getppid()
-while os.getppid() == parent:  # until the harness is gone
-    if s.poll(5000):
-        ident, a, b = s.recv_multipart()
-        s.send_multipart([ident, a, msgpack.packb(msgpack.unpackb(b))])
-"""
-
-
 class RawEcho:
-    """The floor: a DEALER and an echoing ROUTER in another process, msgpack both ways, over ipc:// as the
-    daemon's own sockets here. No engine, no broker."""
+    """The floor: bench_roundtrip's DEALER to an echoing ROUTER in another process, msgpack both ways, over
+    ipc:// as the daemon's own sockets here. No engine, no broker."""
     name = "raw_pyzmq"
 
     def __init__(self):
         self.folder = tempfile.TemporaryDirectory(prefix="bench-echo-")
         addr = f"ipc://{self.folder.name}/echo"
         self.proc = subprocess.Popen([sys.executable, "-c", ECHO, addr])
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(addr)
-        self.body = msgpack.packb({"cid": "x" * 20, "target": "worker"})
-
-    def ping(self) -> None:
-        self.sock.send_multipart([b"RLD1\x1f", self.body])
-        if not self.sock.poll(5000):
-            raise TimeoutError("the echo process did not answer in 5 s")
-        msgpack.unpackb(self.sock.recv_multipart()[1])
+        self.ping = Raw(addr)
 
     def close(self) -> None:
-        self.sock.close()
+        self.ping.close()
         self.proc.kill()
         self.folder.cleanup()
 

@@ -26,13 +26,15 @@ import zmq
 
 from common import Daemon, freeze_heap, maybe_plot, percentiles, save
 
+# Serves until its parent is gone, however long the parent idles between trials (perf/bench.py too).
 ECHO = """
-import sys, msgpack, zmq
+import os, sys, msgpack, zmq
 s = zmq.Context().socket(zmq.ROUTER); s.bind(sys.argv[1])
-while True:
-    if not s.poll(10000): break
-    ident, a, b = s.recv_multipart()
-    s.send_multipart([ident, a, msgpack.packb(msgpack.unpackb(b))])
+parent = os.getppid()
+while os.getppid() == parent:
+    if s.poll(5000):
+        ident, a, b = s.recv_multipart()
+        s.send_multipart([ident, a, msgpack.packb(msgpack.unpackb(b))])
 """
 
 # The middle of raw_via_proxy: forwards client -> echo and back, as the broker does, with no logic at all.

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from rolloutd import engine as eng
+from rolloutd.launcher import gpu_count
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -200,7 +201,7 @@ class Ray:
         gpus = 1 if not eng.on_cpu() else 0
         # A GPU each when there are GPUs (Ray then sets CUDA_VISIBLE_DEVICES, as for any Ray rollout worker);
         # fractions let several share one, as the other sides' engines share it.
-        share = gpus / self.workers if gpus and _gpu_count() < self.workers else gpus
+        share = gpus / self.workers if gpus and gpu_count() < self.workers else gpus
         Actor = ray.remote(num_cpus=0, num_gpus=share, max_concurrency=100_000)(RayEngine)
         self.actors = [Actor.remote(asdict(self.opts)) for _ in range(self.workers)]
         await asyncio.gather(*(a.start.remote() for a in self.actors))
@@ -250,11 +251,6 @@ class RayEngine(EngineHost):
 
     async def ping(self) -> None:
         return None
-
-
-def _gpu_count() -> int:
-    import torch
-    return torch.cuda.device_count()
 
 
 SIDES = {"inprocess": InProcess, "rolloutd": Rolloutd, "ray": Ray}
